@@ -1,0 +1,1 @@
+# Copyright (c) mmprecond contributors. All rights reserved.
