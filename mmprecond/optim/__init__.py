@@ -1,1 +1,6 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
+"""Preconditioned optimizers, registered in MMEngine's root ``OPTIMIZERS``."""
+from .base import PrecondOptimizer
+from .nkfac import KFAC, NKFAC, AdaNKFAC
+
+__all__ = ['PrecondOptimizer', 'NKFAC', 'AdaNKFAC', 'KFAC']

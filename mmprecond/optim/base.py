@@ -1,0 +1,387 @@
+# Copyright (c) mmprecond contributors. All rights reserved.
+"""The step skeleton shared by every layer-preconditioned optimizer.
+
+One iteration of any optimizer in this package is::
+
+    forward / backward      hooks collect layer statistics (statistics steps)
+    step():
+      1. fold the iteration's statistics into the running factors
+         (averaged across ranks; AMP loss scale removed)
+      2. refresh the preconditioners when their interval comes
+      3. precondition each covered layer's gradient (bias as extra column)
+      4. base update (SGDM or AdamW) of every parameter, with the
+         preconditioned direction where there is one
+
+Subclasses implement only the algorithm-specific parts
+(:meth:`PrecondOptimizer.update_statistics`,
+:meth:`PrecondOptimizer.update_preconditioners`,
+:meth:`PrecondOptimizer.precondition`) and choose a base update.
+"""
+import math
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..curvature.capture import (LayerCapture, factor_dims, gradient_matrix,
+                                 split_gradient_matrix, supported_reason)
+from ..curvature.factors import BatchStatistics, batch_statistics
+from ..distributed import all_reduce_sum_, world_size
+from ..logging import FallbackLog
+
+MISSING_MODEL_MSG = (
+    '{name} preconditions layers and needs the model to hook them, but no '
+    '`model` was given. In an MMEngine / OpenMMLab config build it through '
+    "the mmprecond constructor:\n    custom_imports = dict(imports=['mmprecond'])"
+    '\n    optim_wrapper = dict(type=\'OptimWrapper\', '
+    "constructor='PrecondOptimWrapperConstructor', optimizer=dict(type="
+    "'{name}', ...))\nIn plain PyTorch pass it yourself: "
+    '{name}(model.parameters(), model=model, ...).')
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is (non-)positive."""
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or not math.isfinite(value):
+        bound = '>= 0' if allow_zero else '> 0'
+        raise ValueError(f'Invalid {name}: {value} (must be {bound})')
+
+
+def check_unit_interval(name: str, value: float) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``0 <= value < 1``."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f'Invalid {name}: {value} (must be in [0, 1))')
+
+
+def sgdm_update(group: Dict[str, Any], state: Dict[Tensor, Dict[str, Any]],
+                directions: Dict[Tensor, Tensor]) -> None:
+    """``torch.optim.SGD`` semantics (coupled L2 weight decay, no dampening).
+
+    ``d = g + wd * p``; ``buf = mu * buf + d`` (``buf = d`` at first);
+    ``p -= lr * (d + mu * buf if nesterov else buf)``.
+    """
+    lr, wd, mu = group['lr'], group['weight_decay'], group['momentum']
+    for p in group['params']:
+        g = directions.get(p)
+        if g is None:
+            continue
+        d = g.add(p, alpha=wd) if wd != 0 else g
+        if mu != 0:
+            st = state[p]
+            buf = st.get('momentum_buffer')
+            if buf is None:
+                buf = st['momentum_buffer'] = d.clone()
+            else:
+                buf.mul_(mu).add_(d)
+            d = d.add(buf, alpha=mu) if group['nesterov'] else buf
+        p.add_(d, alpha=-lr)
+
+
+def adamw_update(group: Dict[str, Any], state: Dict[Tensor, Dict[str, Any]],
+                 directions: Dict[Tensor, Tensor]) -> None:
+    """``torch.optim.AdamW`` semantics (decoupled weight decay).
+
+    ``p *= 1 - lr * wd``; ``m, v`` moments with bias correction;
+    ``p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``.
+    """
+    lr, wd, eps = group['lr'], group['weight_decay'], group['eps']
+    beta1, beta2 = group['betas']
+    for p in group['params']:
+        g = directions.get(p)
+        if g is None:
+            continue
+        st = state[p]
+        if 'step' not in st:
+            st['step'] = torch.zeros((), dtype=torch.float32)
+            st['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st['exp_avg_sq'] = torch.zeros_like(
+                p, memory_format=torch.preserve_format)
+        st['step'] += 1
+        k = int(st['step'].item())
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        m, v = st['exp_avg'], st['exp_avg_sq']
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bc1 = 1 - beta1**k
+        bc2 = 1 - beta2**k
+        denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+
+
+BASE_UPDATES: Dict[str, Callable] = dict(sgdm=sgdm_update, adamw=adamw_update)
+
+
+class PrecondOptimizer(Optimizer):
+    """Base class: statistics capture, step skeleton, state and logging.
+
+    Args:
+        params (Iterable): Parameters or parameter groups, as for any
+            ``torch.optim.Optimizer``.
+        defaults (dict): Group defaults; must contain the base update's keys.
+        model (nn.Module): The (unwrapped) model whose layers are hooked.
+            Only layers whose weight is among ``params`` and requires grad
+            are preconditioned.
+        base (str): ``'sgdm'`` or ``'adamw'``.
+        stat_interval (int): Collect statistics every this many steps.
+        max_factor_dim (int): Factors larger than this are not formed; that
+            side of the layer is left unpreconditioned (identity), and a layer
+            with both sides too large gets the plain base update.
+        layer_types (tuple): Module types eligible for preconditioning.
+
+    Attributes:
+        fallbacks (FallbackLog): Counts of every fallback taken.
+        layers (dict[str, nn.Module]): Preconditioned layers by module name.
+        layer_state (dict[str, dict[str, Tensor]]): Per-layer preconditioner
+            state (factors, inverses, bases), saved in :meth:`state_dict`.
+    """
+
+    #: Tells :class:`~mmprecond.engine.PrecondOptimWrapperConstructor` to pass
+    #: the model.
+    requires_model = True
+
+    def __init__(self,
+                 params: Iterable,
+                 defaults: Dict[str, Any],
+                 model: Optional[nn.Module],
+                 base: str,
+                 stat_interval: int,
+                 max_factor_dim: int,
+                 layer_types: tuple = (nn.Linear, nn.Conv2d)) -> None:
+        if model is None:
+            raise TypeError(MISSING_MODEL_MSG.format(name=type(self).__name__))
+        if base not in BASE_UPDATES:
+            raise ValueError(f'Invalid base: {base!r} (sgdm or adamw)')
+        if int(stat_interval) < 1:
+            raise ValueError(f'Invalid stat_interval: {stat_interval} (>= 1)')
+        if int(max_factor_dim) < 1:
+            raise ValueError(f'Invalid max_factor_dim: {max_factor_dim} (>= 1)')
+        super().__init__(params, defaults)
+        self.base = base
+        self.stat_interval = int(stat_interval)
+        self.max_factor_dim = int(max_factor_dim)
+        self.fallbacks = FallbackLog(type(self).__name__)
+        self.steps = 0
+        self.grad_scaler: Optional[Any] = None
+        self.layer_state: Dict[str, Dict[str, Tensor]] = {}
+        self.layers = self._select_layers(model, layer_types)
+        self.capture = LayerCapture(dict(model.named_modules()), self.layers)
+        self.capture.active = self.is_stat_step(0)
+
+    # ------------------------------------------------------------------ setup
+    def _select_layers(self, model: nn.Module,
+                       layer_types: tuple) -> Dict[str, nn.Module]:
+        owned = {id(p) for g in self.param_groups for p in g['params']}
+        chosen: Dict[str, nn.Module] = {}
+        excluded: List[str] = []
+        for name, module in model.named_modules():
+            if not isinstance(module, layer_types):
+                continue
+            weight = getattr(module, 'weight', None)
+            if (weight is None or not weight.requires_grad
+                    or id(weight) not in owned):
+                continue  # frozen or not optimised here: not hooked
+            reason = supported_reason(module)
+            if reason is None:
+                d_out, d_in = factor_dims(module)
+                if min(d_out, d_in) > self.max_factor_dim:
+                    reason = (f'both factors exceed max_factor_dim='
+                              f'{self.max_factor_dim} ({d_out}x{d_in})')
+            if reason is None:
+                chosen[name] = module
+            else:
+                excluded.append(f'{name}: {reason}')
+        if excluded:
+            self.fallbacks.info(
+                'excluded_layers',
+                f'{len(excluded)} layer(s) get the plain {self.base} update '
+                'without preconditioning:\n  ' + '\n  '.join(excluded))
+        self.fallbacks.counts['excluded_layers'] = len(excluded)
+        return chosen
+
+    def side_enabled(self, dim: int) -> bool:
+        """Whether a factor of size ``dim`` is formed (see max_factor_dim)."""
+        return dim <= self.max_factor_dim
+
+    def attach_grad_scaler(self, scaler: Any) -> None:
+        """Tell the optimizer which ``GradScaler`` scales the loss.
+
+        Gradient statistics are then divided by the squared loss scale.
+        Steps the scaler skips leave no trace either way, because pending
+        statistics are dropped by :meth:`zero_grad`.  The MMEngine
+        constructor calls this for ``AmpOptimWrapper``.
+        """
+        self.grad_scaler = scaler
+
+    def is_stat_step(self, step: int) -> bool:
+        """Whether statistics are collected at (0-based) step ``step``."""
+        return step % self.stat_interval == 0
+
+    # ------------------------------------------------------------------- step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients, and statistics of a step that was not taken.
+
+        If a backward pass recorded statistics since the last :meth:`step`,
+        that step was skipped (e.g. by the AMP ``GradScaler`` on overflow)
+        and those statistics are discarded.  Input statistics from a forward
+        pass whose backward has not run yet are kept, so calling
+        ``zero_grad`` between forward and backward is safe.
+        """
+        if self.capture.has_backward:
+            self.capture.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def _loss_scale(self) -> float:
+        scaler = self.grad_scaler
+        if scaler is None or not getattr(scaler, 'is_enabled', lambda: True)():
+            return 1.0
+        return float(scaler.get_scale())
+
+    def _reduced_statistics(self) -> Dict[str, BatchStatistics]:
+        """This iteration's statistics of every layer, averaged over ranks."""
+        buffers = self.capture.buffers
+        if world_size() > 1:
+            tensors: List[Tensor] = []
+            for name, module in self.layers.items():
+                buf = buffers[name]
+                d_out, d_in = factor_dims(module)
+                dev = module.weight.device
+                if buf.xx is None:
+                    buf.xx = torch.zeros(d_in, d_in, device=dev)
+                if buf.gg is None:
+                    buf.gg = torch.zeros(d_out, d_out, device=dev)
+                counts = torch.tensor([buf.x_rows, buf.g_rows], device=dev,
+                                      dtype=torch.float32)
+                tensors += [buf.xx, buf.gg, counts]
+            all_reduce_sum_(tensors)
+            for i, name in enumerate(self.layers):
+                counts = tensors[3 * i + 2]
+                buffers[name].x_rows = int(counts[0].item())
+                buffers[name].g_rows = int(counts[1].item())
+        scale = self._loss_scale()
+        out = {}
+        for name in self.layers:
+            stats = batch_statistics(buffers[name], scale)
+            buf = buffers[name]
+            if (buf.x_rows > 0 and stats.xx is None) or (buf.g_rows > 0
+                                                         and stats.gg is None):
+                self.fallbacks.record(
+                    'nonfinite_statistics',
+                    f'non-finite statistics in {name}; not folded')
+            out[name] = stats
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Perform one optimization step.
+
+        Args:
+            closure (Callable, optional): Re-evaluates the model and returns
+                the loss (the forward/backward it runs are captured).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t = self.steps
+        if self.is_stat_step(t):
+            self.update_statistics(self._reduced_statistics(), t)
+        self.capture.clear()
+        self.update_preconditioners(t)
+        directions: Dict[Tensor, Tensor] = {}
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(
+                            f'{type(self).__name__} does not support sparse '
+                            'gradients')
+                    directions[p] = p.grad
+        for name, module in self.layers.items():
+            g = gradient_matrix(module)
+            if g is None:
+                continue
+            pg = self.precondition(name, module, g)
+            if pg is None:
+                continue
+            if not bool(torch.isfinite(pg).all()):
+                self.fallbacks.record(
+                    'nonfinite_direction',
+                    f'preconditioned gradient of {name} is not finite; the '
+                    'raw gradient is used for this step')
+                continue
+            gw, gb = split_gradient_matrix(module, pg.to(g.dtype))
+            directions[module.weight] = gw
+            if gb is not None:
+                directions[module.bias] = gb
+        self.base_step(directions)
+        self.steps = t + 1
+        self.capture.active = self.is_stat_step(self.steps)
+        return loss
+
+    def base_step(self, directions: Dict[Tensor, Tensor]) -> None:
+        """Apply the base update to every group with ``directions``."""
+        update = BASE_UPDATES[self.base]
+        for group in self.param_groups:
+            update(group, self.state, directions)
+
+    # ------------------------------------------------- algorithm-specific API
+    def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
+        """Fold one iteration's statistics into the running factors."""
+        raise NotImplementedError
+
+    def update_preconditioners(self, step: int) -> None:
+        """Refresh the preconditioners if ``step`` calls for it."""
+        raise NotImplementedError
+
+    def precondition(self, name: str, module: nn.Module,
+                     grad: Tensor) -> Optional[Tensor]:
+        """Return the preconditioned ``d_out x d_in`` gradient, or ``None``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Optimizer state plus per-layer preconditioner state.
+
+        The extra entry ``'preconditioner'`` holds the step counter and, per
+        layer **name**, its tensors; everything is a tensor, a number or a
+        string, so ``torch.load(..., weights_only=True)`` reads it.
+        """
+        sd = super().state_dict()
+        sd['preconditioner'] = dict(
+            steps=self.steps,
+            layers={
+                name: {k: v.detach().clone() for k, v in st.items()}
+                for name, st in self.layer_state.items()
+            })
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load state saved by :meth:`state_dict` (device-agnostic)."""
+        state_dict = dict(state_dict)
+        pre = state_dict.pop('preconditioner', None)
+        super().load_state_dict(state_dict)
+        if pre is None:
+            self.fallbacks.record(
+                'missing_preconditioner_state',
+                'checkpoint has no preconditioner state; factors restart')
+            return
+        self.steps = int(pre['steps'])
+        self.layer_state = {}
+        unknown = []
+        for name, st in pre['layers'].items():
+            module = self.layers.get(name)
+            if module is None:
+                unknown.append(name)
+                continue
+            dev = module.weight.device
+            self.layer_state[name] = {k: v.to(dev) for k, v in st.items()}
+        if unknown:
+            self.fallbacks.record(
+                'unknown_layers_in_checkpoint',
+                f'{len(unknown)} layer(s) in the checkpoint are not '
+                f'preconditioned here and were ignored: {unknown[:5]}')
+        self.capture.clear()
+        self.capture.active = self.is_stat_step(self.steps)
