@@ -5,7 +5,7 @@ Only what the algorithms need, and written so that every rank issues the same
 collectives in the same order: callers pass every registered layer in a
 fixed order, with zero tensors for layers that did not run on this rank.
 """
-from typing import List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -61,3 +61,70 @@ def all_reduce_sum_(tensors: List[Tensor], bucket_bytes: int = BUCKET_BYTES) -> 
         size += nbytes
     flush()
     return issued
+
+
+def assign_by_cost(costs: List[float], ranks: int) -> List[int]:
+    """Owner rank of each task: greedy longest-processing-time balancing.
+
+    Deterministic (ties broken by task index), so every rank computes the
+    same assignment without communicating.
+    """
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    load = [0.0] * ranks
+    owner = [0] * len(costs)
+    for i in order:
+        r = min(range(ranks), key=lambda k: (load[k], k))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+def run_sharded(tasks: List[Tuple[float, List[Tensor], Callable[[], List[Tensor]]]]
+                ) -> List[List[Tensor]]:
+    """Run expensive per-layer work on one rank each and share the results.
+
+    Each task is ``(cost, templates, fn)``: ``fn()`` returns tensors shaped
+    like ``templates`` (only their shape, dtype and device are used).  With
+    one process every task runs locally.  Otherwise tasks are assigned by
+    :func:`assign_by_cost`, each rank runs its own, and every rank's results
+    are broadcast from it in one flat buffer, so all ranks end up with
+    bit-identical tensors after ``world_size`` broadcasts.
+
+    Returns:
+        list[list[Tensor]]: Each task's results, in task order.
+    """
+    world = world_size()
+    if world == 1:
+        return [fn() for _, _, fn in tasks]
+    rank = dist.get_rank()
+    owner = assign_by_cost([c for c, _, _ in tasks], world)
+    results: List[Optional[List[Tensor]]] = [None] * len(tasks)
+    for i, (_, _, fn) in enumerate(tasks):
+        if owner[i] == rank:
+            results[i] = [t.contiguous() for t in fn()]
+    for src in range(world):
+        mine = [i for i in range(len(tasks)) if owner[i] == src]
+        templates = [t for i in mine for t in tasks[i][1]]
+        if not templates:
+            continue
+        groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
+        for k, t in enumerate(templates):
+            groups.setdefault((t.dtype, t.device), []).append(k)
+        flat_out: List[Optional[Tensor]] = [None] * len(templates)
+        produced = ([t for i in mine for t in results[i]]
+                    if src == rank else None)
+        for (dtype, device), idx in groups.items():
+            sizes = [templates[k].numel() for k in idx]
+            if src == rank:
+                flat = torch.cat([produced[k].reshape(-1) for k in idx])
+            else:
+                flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+            dist.broadcast(flat, src=src)
+            for k, part in zip(idx, flat.split(sizes)):
+                flat_out[k] = part.view_as(templates[k])
+        pos = 0
+        for i in mine:
+            n = len(tasks[i][1])
+            results[i] = flat_out[pos:pos + n]
+            pos += n
+    return results  # type: ignore[return-value]

@@ -11,11 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from mmprecond.distributed import assign_by_cost
 from mmprecond.optim import NKFAC, AdaNKFAC
 
 HP = dict(stat_interval=1, inv_interval=2, exact_inv_period=3)
+# AdaNKFAC shards its inverse work over the ranks (the default); NKFAC runs
+# in the 'every rank computes everything' mode.
 OPTIMS = {'AdaNKFAC': (AdaNKFAC, dict(lr=1e-2, weight_decay=0.05)),
-          'NKFAC': (NKFAC, dict(lr=0.05, weight_decay=1e-4))}
+          'NKFAC': (NKFAC, dict(lr=0.05, weight_decay=1e-4,
+                                shard_inverses=False))}
 
 
 class Net(nn.Module):
@@ -106,3 +110,12 @@ def test_ddp_equals_single_process_on_concatenated_batch(name, tmp_path):
     for key, value in opt.layer_state['head'].items():
         err = (res['state']['head'][key] - value).norm() / value.norm()
         assert err < 1e-4, (key, float(err))
+
+
+def test_assign_by_cost_balances_and_is_deterministic():
+    costs = [8.0, 1.0, 1.0, 4.0, 4.0, 2.0]
+    owner = assign_by_cost(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(2)]
+    assert sorted(loads) == [10.0, 10.0]
+    assert owner == assign_by_cost(costs, 2)
+    assert assign_by_cost(costs, 1) == [0] * 6

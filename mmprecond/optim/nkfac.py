@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..curvature.capture import factor_dims
 from ..curvature.factors import BatchStatistics, ema_update, frobenius_normalize
+from ..distributed import run_sharded
 from ..linalg import (damp, estimate_residual, exact_inverse, newton_inverse,
                       power_iteration_lmax)
 from .base import PrecondOptimizer, check_positive, check_unit_interval
@@ -54,7 +55,8 @@ class _KroneckerInverse(PrecondOptimizer):
                  base: str, stat_interval: int, inv_interval: int,
                  exact_inv_period: int, newton_steps: int, damping: float,
                  damping_floor: float, stat_decay: float, grad_norm_recovery: bool,
-                 max_factor_dim: int, exact_only: bool) -> None:
+                 max_factor_dim: int, exact_only: bool,
+                 shard_inverses: bool) -> None:
         if int(inv_interval) < 1:
             raise ValueError(f'Invalid inv_interval: {inv_interval} (>= 1)')
         if int(exact_inv_period) < 1:
@@ -75,6 +77,7 @@ class _KroneckerInverse(PrecondOptimizer):
         self.stat_decay = float(stat_decay)
         self.grad_norm_recovery = bool(grad_norm_recovery)
         self.exact_only = bool(exact_only)
+        self.shard_inverses = bool(shard_inverses)
         self._probe_gen: Dict[torch.device, torch.Generator] = {}
 
     # --------------------------------------------------------------- factors
@@ -128,18 +131,31 @@ class _KroneckerInverse(PrecondOptimizer):
     def update_preconditioners(self, step: int) -> None:
         periodic = step % self.inv_interval == 0
         exact = self._use_exact(step)
+        tasks, keys = [], []
         for name, module in self.layers.items():
             st = self.layer_state.get(name)
             if not st:
                 continue
-            for side, _ in self._sides(module):
+            for side, dim in self._sides(module):
                 if side not in st:
                     continue
-                inv_key = side + '_inv'
-                prev = st.get(inv_key)
+                prev = st.get(side + '_inv')
                 # Layers first seen after step 0 get an exact inverse at once.
                 if periodic or prev is None:
-                    st[inv_key] = self._refresh(st[side], prev, exact)
+                    keys.append((st, side + '_inv'))
+                    tasks.append((float(dim)**3, [st[side]],
+                                  self._refresh_task(st[side], prev, exact)))
+        if not tasks:
+            return
+        if self.shard_inverses:
+            results = run_sharded(tasks)
+        else:
+            results = [fn() for _, _, fn in tasks]
+        for (st, key), (inv, ) in zip(keys, results):
+            st[key] = inv
+
+    def _refresh_task(self, stat: Tensor, prev: Optional[Tensor], exact: bool):
+        return lambda: [self._refresh(stat, prev, exact)]
 
     # --------------------------------------------------------- preconditioner
     def precondition(self, name: str, module: nn.Module,
@@ -200,6 +216,10 @@ class NKFAC(_KroneckerInverse):
         stat_decay (float): ``alpha``. Defaults to 0.95.
         grad_norm_recovery (bool): Rescale to the raw gradient's norm.
         max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
+        shard_inverses (bool): Under torch.distributed, refresh each factor
+            on one rank (balanced by ``d^3``) and broadcast the result, so
+            the inverse phase's wall time falls with the number of ranks;
+            ``False`` makes every rank compute everything. Defaults to True.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -226,7 +246,8 @@ class NKFAC(_KroneckerInverse):
                  damping_floor: float = 1e-4,
                  stat_decay: float = 0.95,
                  grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> None:
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
+                 shard_inverses: bool = True) -> None:
         check_positive('lr', lr, allow_zero=True)
         check_positive('momentum', momentum, allow_zero=True)
         check_positive('weight_decay', weight_decay, allow_zero=True)
@@ -237,7 +258,8 @@ class NKFAC(_KroneckerInverse):
         super().__init__(params, defaults, model, 'sgdm', stat_interval,
                          inv_interval, exact_inv_period, newton_steps, damping,
                          damping_floor, stat_decay, grad_norm_recovery,
-                         max_factor_dim, exact_only=self._exact_only)
+                         max_factor_dim, exact_only=self._exact_only,
+                         shard_inverses=shard_inverses)
 
     _exact_only = False
 
@@ -285,7 +307,7 @@ class AdaNKFAC(_KroneckerInverse):
             thesis' COCO value).
         model, stat_interval, inv_interval, exact_inv_period, newton_steps,
         damping, damping_floor, stat_decay, grad_norm_recovery,
-        max_factor_dim: As in :class:`NKFAC`.
+        max_factor_dim, shard_inverses: As in :class:`NKFAC`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -311,7 +333,8 @@ class AdaNKFAC(_KroneckerInverse):
                  damping_floor: float = 1e-4,
                  stat_decay: float = 0.95,
                  grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> None:
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
+                 shard_inverses: bool = True) -> None:
         check_positive('lr', lr, allow_zero=True)
         check_positive('eps', eps, allow_zero=True)
         check_positive('weight_decay', weight_decay, allow_zero=True)
@@ -322,4 +345,5 @@ class AdaNKFAC(_KroneckerInverse):
         super().__init__(params, defaults, model, 'adamw', stat_interval,
                          inv_interval, exact_inv_period, newton_steps, damping,
                          damping_floor, stat_decay, grad_norm_recovery,
-                         max_factor_dim, exact_only=False)
+                         max_factor_dim, exact_only=False,
+                         shard_inverses=shard_inverses)
