@@ -28,6 +28,12 @@ from .base import PrecondOptimizer, check_positive, check_unit_interval
 DEFAULT_MAX_FACTOR_DIM = 8192
 
 
+#: A Newton result whose residual ``||I - A B||_F`` is below this is accepted
+#: even if it did not improve on the warm start: at fp32 precision an
+#: already-converged warm start cannot improve by rounding alone.
+NEWTON_RESIDUAL_TOL = 1e-3
+
+
 class _KroneckerInverse(PrecondOptimizer):
     """Kronecker-factored preconditioner with periodic (Newton) inverses.
 
@@ -46,9 +52,9 @@ class _KroneckerInverse(PrecondOptimizer):
     not the literal ``t < 2 T_inv`` of Algorithm 3), otherwise by
     ``newton_steps`` warm-started Newton-Schulz steps.  A guard compares the
     residual ``||I - A B||_F`` (estimated with random probes) after the
-    Newton step with the warm start's; if the step made it worse, or
-    produced non-finite values, the exact inverse is used instead and
-    counted under ``'newton_fallback'``.
+    Newton step with the warm start's; if the step made it worse (and it is
+    above :data:`NEWTON_RESIDUAL_TOL`), or produced non-finite values, the
+    exact inverse is used instead and counted under ``'newton_fallback'``.
     """
 
     def __init__(self, params: Iterable, defaults: dict, model: Optional[nn.Module],
@@ -120,7 +126,8 @@ class _KroneckerInverse(PrecondOptimizer):
         before = estimate_residual(a, prev, generator=gen)
         gen.set_state(state)  # same probes: a paired comparison
         after = estimate_residual(a, new, generator=gen)
-        if not bool(torch.isfinite(new).all()) or not after <= before:
+        if not bool(torch.isfinite(new).all()) or not (
+                after <= before or after <= NEWTON_RESIDUAL_TOL):
             self.fallbacks.record(
                 'newton_fallback',
                 f'Newton inverse did not improve the residual ({float(before):.3g}'
