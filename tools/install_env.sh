@@ -23,20 +23,39 @@ echo "[install_env] preparing $VENV (first time: ~20 min, mmcv compiles its ops)
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 
-# setuptools must still ship pkg_resources (mmcv's setup.py imports it);
-# keep it pinned below 70 deliberately.  torch 2.13.0 is the CPU build on
-# local disk here; GPU users may install any torch>=2.0 before running this.
-"${PIP[@]}" "setuptools==69.5.1" wheel "numpy>=1.24" ninja
+# setuptools: mmcv's setup.py imports pkg_resources (gone from setuptools 81)
+# and torch 2.13 declares setuptools>=77.0.3, so 80.9.0 satisfies both.  It
+# is pinned through a constraints file in EVERY pip call below, together with
+# the torch that is installed: otherwise the resolver may "fix" a conflict by
+# swapping torch, which breaks mmcv's compiled ops (undefined symbols).
+# torch 2.13.0 is the CPU build on local disk here; GPU users may install any
+# torch>=2.0 before running this script and it is kept.
+CONSTRAINTS="$VENV/constraints.txt"
+echo "setuptools==80.9.0" > "$CONSTRAINTS"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q -c "$CONSTRAINTS")
+"${PIP[@]}" setuptools wheel "numpy>=1.24" ninja
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "${PIP[@]}" "torch==${MMPRECOND_TORCH_VERSION:-2.13.0}"
 fi
+TORCH_VERSION="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+echo "torch==${TORCH_VERSION}" >> "$CONSTRAINTS"
 "${PIP[@]}" "mmengine==0.10.7"
-if ! "$VENV/bin/python" -c "import mmcv.ops" 2>/dev/null; then
+mmcv_ops_ok() { "$VENV/bin/python" -c "import mmcv.ops" 2>/dev/null; }
+if ! mmcv_ops_ok; then
+  # Built from source with its C++ ops (no wheel exists for this torch);
+  # pip caches the wheel, so later environments install it in seconds.
   MMCV_WITH_OPS=1 FORCE_CUDA="${FORCE_CUDA:-0}" MAX_JOBS="${MAX_JOBS:-2}" \
     "${PIP[@]}" --no-build-isolation "mmcv==2.1.0"
+  if ! mmcv_ops_ok; then
+    # a cached wheel built against another torch: rebuild against this one
+    echo "[install_env] cached mmcv wheel does not match torch ${TORCH_VERSION}; rebuilding"
+    MMCV_WITH_OPS=1 FORCE_CUDA="${FORCE_CUDA:-0}" MAX_JOBS="${MAX_JOBS:-2}" \
+      "${PIP[@]}" --no-build-isolation --no-cache-dir --force-reinstall \
+      --no-deps "mmcv==2.1.0"
+  fi
 fi
-"${PIP[@]}" "mmdet==3.3.0" "mmpretrain==1.2.0" pycocotools "setuptools==69.5.1"
-"${PIP[@]}" -e "$ROOT[tests]" --no-build-isolation "setuptools==69.5.1"
+"${PIP[@]}" "mmdet==3.3.0" "mmpretrain==1.2.0" pycocotools
+"${PIP[@]}" --no-build-isolation -e "$ROOT[tests]"
 "$VENV/bin/python" - <<'PY'
 import mmcv, mmdet, mmengine, mmpretrain, torch
 from mmcv.ops import nms, roi_align  # noqa: F401  (compiled ops present)
