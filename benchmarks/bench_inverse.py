@@ -32,10 +32,10 @@ def model_factor_dims() -> Dict[int, int]:
     """Distinct factor sizes of the real Faster R-CNN R50-FPN."""
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
-    from mmengine.config import Config
+    from mmengine.hub import get_config
 
     register_all_modules()
-    cfg = Config.fromfile('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py')
+    cfg = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py')
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
     from mmprecond.curvature.capture import factor_dims, supported_reason
