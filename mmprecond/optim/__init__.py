@@ -1,7 +1,10 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """Preconditioned optimizers, registered in MMEngine's root ``OPTIMIZERS``."""
 from .adamr import AdamR
+from .afopt import Ada_AFOpt, AFOpt
 from .base import PrecondOptimizer
+from .fsgd import FSGD, FAdam
 from .nkfac import KFAC, NKFAC, AdaNKFAC
 
-__all__ = ['PrecondOptimizer', 'NKFAC', 'AdaNKFAC', 'KFAC', 'AdamR']
+__all__ = ['PrecondOptimizer', 'NKFAC', 'AdaNKFAC', 'KFAC', 'AdamR', 'FSGD', 'FAdam',
+           'AFOpt', 'Ada_AFOpt']
