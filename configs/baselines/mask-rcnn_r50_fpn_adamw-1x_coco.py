@@ -1,0 +1,13 @@
+# Mask R-CNN R50-FPN 1x on COCO with AdamW, the baseline the thesis re-ran
+# for AdamR (Table 4.6: 37.8 box / 35.4 mask AP) with lr 1e-4 and decoupled
+# weight decay 0.2.  The schedule is mmdet's.
+_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(
+        _delete_=True,  # drop SGD's momentum
+        type='AdamW',
+        lr=1e-4,
+        betas=(0.9, 0.999),
+        weight_decay=0.2))

@@ -1,0 +1,4 @@
+# RetinaNet R50-FPN 1x on COCO, mmdet's default SGD (lr 0.01, momentum 0.9,
+# wd 1e-4).  Exactly the upstream config.  The thesis reports no RetinaNet
+# R50 run; this is the ResNet reference for the RetinaNet Swin-T experiments.
+_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
