@@ -28,6 +28,7 @@ import torch
 
 from mmprecond.linalg import damp, exact_inverse, newton_inverse
 
+
 def model_factor_dims() -> Dict[int, int]:
     """Distinct factor sizes of the real Faster R-CNN R50-FPN."""
     from mmdet.registry import MODELS
@@ -69,6 +70,29 @@ def timed(fn: Callable[[], torch.Tensor], device: str, repeat: int) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
+def measure_size(d: int, gen: torch.Generator, device: str,
+                 repeat: int) -> tuple:
+    """``(t_newton, t_inv, t_eigh, err_warm_start, err_newton)`` for size d."""
+    old = random_factor(d, 2 * d, gen, device)
+    new = 0.6 * old + 0.4 * random_factor(d, 2 * d, gen, device)
+    a_old, a_new = damp(old, 0.01), damp(new, 0.01)
+    prev = exact_inverse(a_old)
+    exact = exact_inverse(a_new)
+    b, _ = newton_inverse(a_new, prev, 1)
+    norm = torch.linalg.matrix_norm(exact)
+    err = float(torch.linalg.matrix_norm(b - exact) / norm)
+    err_prev = float(torch.linalg.matrix_norm(prev - exact) / norm)
+
+    def eigh_inverse() -> torch.Tensor:
+        w, v = torch.linalg.eigh(a_new)
+        return (v / w) @ v.T
+
+    t_newton = timed(lambda: newton_inverse(a_new, prev, 1), device, repeat)
+    t_inv = timed(lambda: exact_inverse(a_new), device, repeat)
+    t_eigh = timed(eigh_inverse, device, repeat)
+    return t_newton, t_inv, t_eigh, err_prev, err
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--max-dim', type=int, default=4609,
@@ -83,28 +107,10 @@ def main() -> None:
     for d in sorted(dims):
         if d > args.max_dim or d < 64:
             continue
-        old = random_factor(d, 2 * d, gen, args.device)
-        new = 0.6 * old + 0.4 * random_factor(d, 2 * d, gen, args.device)
-        a_old, a_new = damp(old, 0.01), damp(new, 0.01)
-        prev = exact_inverse(a_old)
-        exact = exact_inverse(a_new)
-        b, _ = newton_inverse(a_new, prev, 1)
-        err = float(torch.linalg.matrix_norm(b - exact) /
-                    torch.linalg.matrix_norm(exact))
-        err_prev = float(torch.linalg.matrix_norm(prev - exact) /
-                         torch.linalg.matrix_norm(exact))
-        t_newton = timed(lambda: newton_inverse(a_new, prev, 1), args.device,
-                         args.repeat)
-        t_inv = timed(lambda: exact_inverse(a_new), args.device, args.repeat)
-
-        def eigh_inverse() -> torch.Tensor:
-            w, v = torch.linalg.eigh(a_new)
-            return (v / w) @ v.T
-
-        t_eigh = timed(eigh_inverse, args.device, args.repeat)
+        row = measure_size(d, gen, args.device, args.repeat)
         n = dims[d]
-        totals.update(newton=n * t_newton, inv=n * t_inv, eigh=n * t_eigh)
-        rows.append((d, n, t_newton, t_inv, t_eigh, err_prev, err))
+        totals.update(newton=n * row[0], inv=n * row[1], eigh=n * row[2])
+        rows.append((d, n, *row))
     print(f'device={args.device}  torch={torch.__version__}  '
           f'threads={torch.get_num_threads()}')
     print(f"{'dim':>6} {'count':>5} {'newton ms':>10} {'inv ms':>9} "

@@ -62,6 +62,46 @@ def mean_time(fn: Callable[[], None], n: int) -> float:
     return statistics.median(times)
 
 
+def measure_optimizer(model: torch.nn.Module, opt_cfg: dict, batches: List[dict],
+                      iters: int) -> dict:
+    """Timings (s) and state bytes of one optimizer on ``model``."""
+    from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+    model.train()
+    wrapper = OPTIM_WRAPPER_CONSTRUCTORS.build(
+        dict(type='PrecondOptimWrapperConstructor',
+             optim_wrapper_cfg=dict(type='OptimWrapper', optimizer=opt_cfg)))(model)
+    opt = wrapper.optimizer
+    counter = iter(range(10**9))
+
+    def train_iter() -> None:
+        model.train_step(batches[next(counter) % len(batches)], wrapper)
+
+    train_iter()  # step 0: first statistics and exact inverses
+    t_plain = mean_time(train_iter, iters)
+    row = dict(plain=t_plain, iter=t_plain, mem=state_bytes(opt))
+    if not hasattr(opt, 'inv_interval'):
+        return row
+    s_int, i_int, c = opt.stat_interval, opt.inv_interval, opt.exact_inv_period
+    opt.stat_interval, opt.inv_interval = 1, 10**9
+    opt.capture.active = True
+    t_stat = mean_time(train_iter, max(3, iters // 2))
+    opt.stat_interval, opt.inv_interval = s_int, i_int
+    newton_step = 3 * i_int  # neither early nor a multiple of C*T
+    t_newton = mean_time(lambda: opt.update_preconditioners(newton_step), 2)
+    t_exact = mean_time(lambda: opt.update_preconditioners(0), 2)
+    row.update(
+        stat=t_stat, newton=t_newton, exact=t_exact,
+        iter=t_plain + (t_stat - t_plain) / s_int + t_newton / i_int +
+        (t_exact - t_newton) / (c * i_int),
+        mem=state_bytes(opt), layers=len(opt.layers))
+    return row
+
+
+def cell(row: dict, key: str) -> str:
+    return f'{row[key]:.3f}' if key in row else '-'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config', default=DEMO)
@@ -73,7 +113,7 @@ def main() -> None:
 
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
-    from mmengine.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+    from mmengine.registry import MODELS
     from mmengine.runner import Runner
 
     from mmprecond.datasets import ensure_synthetic_coco
@@ -98,40 +138,11 @@ def main() -> None:
 
     results: Dict[str, dict] = {}
     for name in args.optimizers:
-        model = copy.deepcopy(model0)
-        model.train()
         opt_cfg = dict(OPTIMIZERS[name])
         if args.max_factor_dim and name not in ('SGD', 'AdamW'):
             opt_cfg['max_factor_dim'] = args.max_factor_dim
-        wrapper = OPTIM_WRAPPER_CONSTRUCTORS.build(
-            dict(type='PrecondOptimWrapperConstructor',
-                 optim_wrapper_cfg=dict(type='OptimWrapper', optimizer=opt_cfg)))(
-                     model)
-        opt = wrapper.optimizer
-        it = iter(range(10**9))
-
-        def train_iter() -> None:
-            model.train_step(batches[next(it) % len(batches)], wrapper)
-
-        train_iter()  # step 0: first statistics and exact inverses
-        t_plain = mean_time(train_iter, args.iters)
-        row = dict(plain=t_plain, iter=t_plain, mem=state_bytes(opt))
-        if hasattr(opt, 'inv_interval'):
-            s_int, i_int, c = opt.stat_interval, opt.inv_interval, opt.exact_inv_period
-            opt.stat_interval, opt.inv_interval = 1, 10**9
-            opt.capture.active = True
-            t_stat = mean_time(train_iter, max(3, args.iters // 2))
-            opt.stat_interval, opt.inv_interval = s_int, i_int
-            newton_step = 3 * i_int  # neither early nor a multiple of C*T
-            t_newton = mean_time(lambda: opt.update_preconditioners(newton_step), 2)
-            t_exact = mean_time(lambda: opt.update_preconditioners(0), 2)
-            row.update(
-                stat=t_stat, newton=t_newton, exact=t_exact,
-                iter=t_plain + (t_stat - t_plain) / s_int + t_newton / i_int +
-                (t_exact - t_newton) / (c * i_int),
-                mem=state_bytes(opt), layers=len(opt.layers))
-        results[name] = row
-
+        results[name] = measure_optimizer(copy.deepcopy(model0), opt_cfg,
+                                          batches, args.iters)
     print(f'config={osp.basename(args.config)}  params={params / 1e6:.2f}M  '
           f'torch={torch.__version__}  threads={torch.get_num_threads()}  '
           f'device=cpu')
@@ -142,15 +153,11 @@ def main() -> None:
     sgd_t = results.get('SGD', {}).get('iter')
     base_m = results.get('AdamW', {}).get('mem')
     for name, r in results.items():
-
-        def fmt(key: str) -> str:
-            return f'{r[key]:.3f}' if key in r else '-'
-
         ratio = f"{r['iter'] / base_t:.2f}" if base_t else '-'
         ratio_sgd = f"{r['iter'] / sgd_t:.2f}" if sgd_t else '-'
         mem_ratio = f"{r['mem'] / base_m:.2f}" if base_m else '-'
-        print(f"{name:<10} {fmt('plain'):>8} {fmt('stat'):>8} {fmt('newton'):>9} "
-              f"{fmt('exact'):>8} {r['iter']:>11.3f} {ratio:>9} {ratio_sgd:>7} "
+        print(f"{name:<10} {cell(r, 'plain'):>8} {cell(r, 'stat'):>8} {cell(r, 'newton'):>9} "
+              f"{cell(r, 'exact'):>8} {r['iter']:>11.3f} {ratio:>9} {ratio_sgd:>7} "
               f"{r['mem'] / 2**20:>9.1f} {mem_ratio:>9}")
 
 

@@ -2,8 +2,14 @@
 import pytest
 import torch
 
-from mmprecond.linalg import (damp, estimate_residual, exact_inverse,
-                              newton_inverse, power_iteration_lmax, safe_eigh)
+from mmprecond.linalg import (
+    damp,
+    estimate_residual,
+    exact_inverse,
+    newton_inverse,
+    power_iteration_lmax,
+    safe_eigh,
+)
 from mmprecond.logging import FallbackLog
 
 

@@ -18,6 +18,8 @@ Subclasses implement only the algorithm-specific parts
 :meth:`PrecondOptimizer.precondition`) and choose a base update.
 """
 import math
+import time
+from collections import Counter
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -25,8 +27,13 @@ import torch.nn as nn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..curvature.capture import (LayerCapture, factor_dims, gradient_matrix,
-                                 split_gradient_matrix, supported_reason)
+from ..curvature.capture import (
+    LayerCapture,
+    factor_dims,
+    gradient_matrix,
+    split_gradient_matrix,
+    supported_reason,
+)
 from ..curvature.factors import BatchStatistics, batch_statistics
 from ..distributed import all_reduce_sum_, world_size
 from ..logging import FallbackLog
@@ -133,6 +140,10 @@ class PrecondOptimizer(Optimizer):
 
     Attributes:
         fallbacks (FallbackLog): Counts of every fallback taken.
+        phase_seconds (Counter): Host wall time spent in ``'statistics'``
+            (folding, incl. the all-reduce), ``'refresh'`` (inverses / bases)
+            and ``'precondition'`` since construction.  On GPU, kernels are
+            asynchronous, so these are launch times unless synchronised.
         layers (dict[str, nn.Module]): Preconditioned layers by module name.
         layer_state (dict[str, dict[str, Tensor]]): Per-layer preconditioner
             state (factors, inverses, bases), saved in :meth:`state_dict`.
@@ -163,6 +174,7 @@ class PrecondOptimizer(Optimizer):
         self.stat_interval = int(stat_interval)
         self.max_factor_dim = int(max_factor_dim)
         self.fallbacks = FallbackLog(type(self).__name__)
+        self.phase_seconds: Counter = Counter()
         self.steps = 0
         self.grad_scaler: Optional[Any] = None
         self.layer_state: Dict[str, Dict[str, Tensor]] = {}
@@ -286,10 +298,15 @@ class PrecondOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         t = self.steps
+        clock = time.perf_counter()
         if self.is_stat_step(t):
             self.update_statistics(self._reduced_statistics(), t)
         self.capture.clear()
+        now = time.perf_counter()
+        self.phase_seconds['statistics'] += now - clock
         self.update_preconditioners(t)
+        clock = time.perf_counter()
+        self.phase_seconds['refresh'] += clock - now
         directions: Dict[Tensor, Tensor] = {}
         for group in self.param_groups:
             for p in group['params']:
@@ -316,6 +333,7 @@ class PrecondOptimizer(Optimizer):
             directions[module.weight] = gw
             if gb is not None:
                 directions[module.bias] = gb
+        self.phase_seconds['precondition'] += time.perf_counter() - clock
         self.base_step(directions)
         self.steps = t + 1
         self.capture.active = self.is_stat_step(self.steps)

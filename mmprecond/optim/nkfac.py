@@ -16,8 +16,13 @@ from torch import Tensor
 from ..curvature.capture import factor_dims
 from ..curvature.factors import BatchStatistics, ema_update, frobenius_normalize
 from ..distributed import run_sharded
-from ..linalg import (damp, estimate_residual, exact_inverse, newton_inverse,
-                      power_iteration_lmax)
+from ..linalg import (
+    damp,
+    estimate_residual,
+    exact_inverse,
+    newton_inverse,
+    power_iteration_lmax,
+)
 from .base import PrecondOptimizer, check_positive, check_unit_interval
 
 #: Default ``max_factor_dim``, chosen from ``benchmarks/factor_budget.py`` on

@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmprecond.curvature.capture import (LayerCapture, gradient_matrix,
-                                         supported_reason)
+from mmprecond.curvature.capture import LayerCapture, gradient_matrix, supported_reason
 
 
 def naive_patches(x, conv):

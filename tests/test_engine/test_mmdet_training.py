@@ -3,11 +3,10 @@
 import copy
 
 import pytest
+from conftest import DEMO_DET_CONFIG
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
-
-from conftest import DEMO_DET_CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +41,7 @@ def demo_cfg(data_root, work_dir, optimizer, iters):
         type='OptimWrapper', constructor='PrecondOptimWrapperConstructor',
         optimizer=optimizer, paramwise_cfg=dict(norm_decay_mult=0.0),
         clip_grad=dict(max_norm=10.0))
+    cfg.custom_hooks = [dict(type='PrecondStatsHook', interval=10)]
     cfg.work_dir = str(work_dir)
     return cfg
 
@@ -68,6 +68,10 @@ def test_faster_rcnn_trains_and_loss_falls(optimizer, tiny_coco, tmp_path):
     state = opt.layer_state['roi_head.bbox_head.shared_fcs.0']
     assert {'L_inv', 'R_inv'} <= set(state)
     assert opt.fallbacks.counts['nonfinite_direction'] == 0
+    # PrecondStatsHook put the counters into the training log
+    hub = runner.message_hub
+    assert hub.get_scalar('train/precond/refresh_s').current() > 0
+    assert hub.get_scalar('train/precond/excluded_layers').current() == 0
     losses = recorder.losses
     assert len(losses) == iters
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
