@@ -156,8 +156,9 @@ def main() -> None:
         ratio = f"{r['iter'] / base_t:.2f}" if base_t else '-'
         ratio_sgd = f"{r['iter'] / sgd_t:.2f}" if sgd_t else '-'
         mem_ratio = f"{r['mem'] / base_m:.2f}" if base_m else '-'
-        print(f"{name:<10} {cell(r, 'plain'):>8} {cell(r, 'stat'):>8} {cell(r, 'newton'):>9} "
-              f"{cell(r, 'exact'):>8} {r['iter']:>11.3f} {ratio:>9} {ratio_sgd:>7} "
+        print(f"{name:<10} {cell(r, 'plain'):>8} {cell(r, 'stat'):>8} "
+              f"{cell(r, 'newton'):>9} {cell(r, 'exact'):>8} "
+              f"{r['iter']:>11.3f} {ratio:>9} {ratio_sgd:>7} "
               f"{r['mem'] / 2**20:>9.1f} {mem_ratio:>9}")
 
 

@@ -7,8 +7,8 @@ root ``OPTIM_WRAPPER_CONSTRUCTORS`` registry, so configs with either
 ``default_scope='mmdet'`` or ``default_scope='mmpretrain'`` find them through
 ``custom_imports=dict(imports=['mmprecond'])``.
 """
-from . import compat  # noqa: F401  (patches first, before anything loads)
-from . import datasets, engine, optim  # noqa: F401
+# ``compat`` comes first: it patches the OpenMMLab stack before use.
+from . import compat, datasets, engine, optim  # noqa: F401
 from .version import __version__, version_info
 
 __all__ = ['__version__', 'version_info']
