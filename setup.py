@@ -17,14 +17,14 @@ def get_version() -> str:
 
 
 def add_mim_extension() -> None:
-    """Expose ``configs/`` and ``tools/`` as ``mmprecond/.mim/*``.
+    """Expose ``configs/``, ``tools/`` and the model index in ``mmprecond/.mim``.
 
     ``mim train mmprecond <cfg>`` and ``_base_ = 'mmprecond::...'`` look for
-    them there.  Editable installs get symlinks; wheels get copies.
+    them there.  They are symlinks where the file system allows, else copies.
     """
     mim_dir = osp.join(HERE, 'mmprecond', '.mim')
     os.makedirs(mim_dir, exist_ok=True)
-    for name in ('configs', 'tools'):
+    for name in ('configs', 'tools', 'model-index.yml'):
         src, dst = osp.join(HERE, name), osp.join(mim_dir, name)
         if osp.islink(dst) or osp.isfile(dst):
             os.remove(dst)
@@ -33,7 +33,10 @@ def add_mim_extension() -> None:
         try:
             os.symlink(osp.relpath(src, mim_dir), dst)
         except OSError:
-            shutil.copytree(src, dst)
+            if osp.isdir(src):
+                shutil.copytree(src, dst)
+            else:
+                shutil.copyfile(src, dst)
 
 
 if __name__ == '__main__':
@@ -48,7 +51,11 @@ if __name__ == '__main__':
         long_description_content_type='text/markdown',
         packages=find_packages(include=['mmprecond', 'mmprecond.*']),
         include_package_data=True,
-        package_data={'mmprecond': ['.mim/configs/**/*', '.mim/tools/**/*']},
+        package_data={
+            'mmprecond': [
+                '.mim/configs/**/*', '.mim/tools/**/*', '.mim/model-index.yml'
+            ]
+        },
         python_requires='>=3.8',
         install_requires=[
             'torch>=2.0', 'mmengine>=0.10.0,<1.0.0', 'mmcv>=2.0.0,<2.2.0',

@@ -55,19 +55,36 @@ in ``site-packages``.  :data:`APPLIED` records which fixes are active.
    that raise an error without them.  Use the ``gloo`` backend on CPU
    (``tools/train.py`` selects it automatically).
 
+3. **``_base_ = 'mmprecond::...'``** (``external_configs``).  MMEngine only
+   resolves ``pkg::path`` for the packages listed in
+   ``mmengine.config.utils.MODULE2PACKAGE``; ``mmprecond`` is added there.
+   The config is then read from ``<package dir>/.mim/configs/path``, where
+   MMEngine computes the package directory from the distribution's
+   location.  For a PEP 660 editable install (``pip install -e .`` with
+   setuptools >= 64; legacy ``setup.py develop`` installs are gone from
+   setuptools 80) that location is ``site-packages``, which holds no
+   ``mmprecond/`` directory.  The config loader's ``get_installed_path`` is
+   wrapped to fall back to the directory the import system uses when the
+   computed one does not exist.  (``mim`` runs in its own process and does
+   not see this; ``tools/install_env.sh`` links the package directory into
+   ``site-packages`` for it.)  This fix needs ``import mmprecond`` before
+   ``Config.fromfile``, as ``tools/train.py`` and ``tools/test.py`` do.
+
 Set ``MMPRECOND_DISABLE_COMPAT=1`` in the environment to skip every fix at
 import (to reproduce the upstream failures); ``apply_all(force=True)`` still
 applies them.
 """
 import functools
+import importlib.util
 import inspect
 import os
+import os.path as osp
 from typing import Any, Callable, Dict
 
 import torch
 
 __all__ = ['APPLIED', 'apply_all', 'patch_checkpoint_weights_only',
-           'patch_cpu_distributed']
+           'patch_cpu_distributed', 'patch_external_configs']
 
 #: Name of each fix -> whether it is active in this process.
 APPLIED: Dict[str, bool] = {}
@@ -194,9 +211,43 @@ def patch_cpu_distributed() -> bool:
     return True
 
 
+def _import_aware_installed_path(original: Callable) -> Callable:
+    """Wrap ``get_installed_path`` to handle PEP 660 editable installs."""
+
+    @functools.wraps(original)
+    def get_installed_path(package: str) -> str:
+        path = original(package)
+        if osp.isdir(path):
+            return path
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            return list(spec.submodule_search_locations)[0]
+        return path
+
+    setattr(get_installed_path, _MARK, True)
+    return get_installed_path
+
+
+def patch_external_configs() -> bool:
+    """Make ``_base_ = 'mmprecond::<path under configs/>'`` resolve.
+
+    Returns:
+        bool: Whether the fix is active after the call.
+    """
+    from mmengine.config import config as config_module
+    from mmengine.config import utils as config_utils
+
+    config_utils.MODULE2PACKAGE.setdefault('mmprecond', 'mmprecond')
+    if not getattr(config_module.get_installed_path, _MARK, False):
+        config_module.get_installed_path = _import_aware_installed_path(
+            config_module.get_installed_path)
+    return True
+
+
 _FIXES: Dict[str, Callable[[], bool]] = {
     'checkpoint_weights_only': patch_checkpoint_weights_only,
     'cpu_distributed': patch_cpu_distributed,
+    'external_configs': patch_external_configs,
 }
 
 

@@ -36,7 +36,9 @@ def tiny_cls(tmp_path_factory) -> Path:
 
 
 def data_cfg_options(data_root: Path,
-                     evaluator_ann: str = '') -> List[str]:
+                     evaluator_ann: str = '',
+                     splits: Sequence[str] = ('train', 'val',
+                                              'test')) -> List[str]:
     """``--cfg-options`` that point a config's data at ``data_root``.
 
     Also runs the dataloaders in the main process (``num_workers=0``), which
@@ -46,10 +48,11 @@ def data_cfg_options(data_root: Path,
         data_root: Dataset root directory.
         evaluator_ann: Annotation file (relative to ``data_root``) that the
             val/test evaluators read, if they read one (COCO does).
+        splits: The dataloaders (and evaluators) to redirect.
     """
     root = f'{data_root}/'
     opts = []
-    for split in ('train', 'val', 'test'):
+    for split in splits:
         opts += [
             f'{split}_dataloader.dataset.data_root={root}',
             f'{split}_dataloader.num_workers=0',
@@ -58,14 +61,17 @@ def data_cfg_options(data_root: Path,
     if evaluator_ann:
         opts += [
             f'{split}_evaluator.ann_file={root}{evaluator_ann}'
-            for split in ('val', 'test')
+            for split in splits if split != 'train'
         ]
     return opts
 
 
-def coco_cfg_options(data_root: Path) -> List[str]:
+def coco_cfg_options(data_root: Path,
+                     splits: Sequence[str] = ('train', 'val',
+                                              'test')) -> List[str]:
     """:func:`data_cfg_options` for the synthetic COCO detection set."""
-    return data_cfg_options(data_root, 'annotations/instances_val.json')
+    return data_cfg_options(data_root, 'annotations/instances_val.json',
+                            splits)
 
 
 def run_command(cmd: Sequence[str],

@@ -130,6 +130,7 @@ def two_iter_checkpoint(tmp_path_factory) -> Dict[str, object]:
 def test_fixes_are_active() -> None:
     """Importing mmprecond applied every fix this environment needs."""
     assert compat.APPLIED['cpu_distributed']
+    assert compat.APPLIED['external_configs']
     assert compat.APPLIED['checkpoint_weights_only'] == (
         TORCH_HAS_WEIGHTS_ONLY_DEFAULT)
 
@@ -247,3 +248,29 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
+
+
+def test_mmprecond_base_configs_resolve(tmp_path) -> None:
+    """``_base_ = 'mmprecond::...'`` reads from the package's ``.mim``."""
+    from mmengine.config import Config
+
+    cfg_file = tmp_path / 'child.py'
+    cfg_file.write_text(
+        "_base_ = 'mmprecond::_base_/datasets/synthetic_coco_detection.py'\n"
+        'train_dataloader = dict(batch_size=2)\n')
+    cfg = Config.fromfile(str(cfg_file))
+    assert cfg.dataset_type == 'CocoDataset'
+    assert cfg.train_dataloader.batch_size == 2
+    assert cfg.train_dataloader.num_workers == 2  # from the base
+
+
+def test_installed_path_falls_back_to_import_system(tmp_path) -> None:
+    """PEP 660 editable installs: the computed directory does not exist."""
+    import mmprecond
+
+    missing = str(tmp_path / 'site-packages' / 'mmprecond')
+    get_path = compat._import_aware_installed_path(lambda package: missing)
+    assert get_path('mmprecond') == os.path.dirname(mmprecond.__file__)
+    existing = str(tmp_path)
+    assert compat._import_aware_installed_path(
+        lambda package: existing)('mmprecond') == existing

@@ -121,8 +121,12 @@ def set_dist_backend(cfg: Config) -> None:
         backend = 'gloo'
     if not backend:
         return
-    env_cfg = cfg.setdefault('env_cfg', {})
-    dist_cfg = env_cfg.setdefault('dist_cfg', {})
+    # (Config.setdefault returns the plain dict, not the stored ConfigDict)
+    if cfg.get('env_cfg') is None:
+        cfg.env_cfg = dict()
+    if cfg.env_cfg.get('dist_cfg') is None:
+        cfg.env_cfg.dist_cfg = dict()
+    dist_cfg = cfg.env_cfg.dist_cfg
     if dist_cfg.get('backend') != backend:
         print_log(
             f'Using the {backend!r} distributed backend (config: '
