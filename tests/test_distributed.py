@@ -12,14 +12,21 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmprecond.distributed import assign_by_cost
-from mmprecond.optim import NKFAC, AdaNKFAC
+from mmprecond.optim import NKFAC, AdamR, AdaNKFAC
 
 HP = dict(stat_interval=1, inv_interval=2, exact_inv_period=3)
 # AdaNKFAC shards its inverse work over the ranks (the default); NKFAC runs
 # in the 'every rank computes everything' mode.
 OPTIMS = {'AdaNKFAC': (AdaNKFAC, dict(lr=1e-2, weight_decay=0.05)),
           'NKFAC': (NKFAC, dict(lr=0.05, weight_decay=1e-4,
-                                shard_inverses=False))}
+                                shard_inverses=False)),
+          'AdamR': (AdamR, dict(lr=1e-2, weight_decay=0.05, stat_interval=1,
+                                basis_interval=4))}
+# AdamR's eigenbases are unique only for distinct eigenvalues: with few rows
+# the 145-wide input factor is rank-deficient, its (eps-shifted) null space is
+# one repeated eigenvalue, and fp32 noise picks an arbitrary basis there.  So
+# it gets enough rows for full-rank statistics before its first basis.
+ROWS = {'AdamR': 256}
 
 
 class Net(nn.Module):
@@ -37,6 +44,10 @@ class Net(nn.Module):
         return self.fc(f), self.head(f[keep])
 
 
+def hyper(name):
+    return {} if name == 'AdamR' else HP
+
+
 def data(steps, n=8):
     g = torch.Generator().manual_seed(1)
     out = []
@@ -44,7 +55,7 @@ def data(steps, n=8):
         x = torch.randn(n, 3, 6, 6, generator=g)
         y = torch.randint(0, 3, (n, ), generator=g)
         keep = torch.zeros(n, dtype=torch.bool)
-        keep[:2] = True  # only the first half's rank has head rows
+        keep[:n // 2] = True  # only rank 0's half has head rows (like RoIs)
         out.append((x, y, keep))
     return out
 
@@ -64,8 +75,8 @@ def worker(rank, world, port, name, steps, result_path):
     model = Net()
     ddp = DDP(model)
     cls, kw = OPTIMS[name]
-    opt = cls(model.parameters(), model=model, **HP, **kw)
-    for x, y, keep in data(steps):
+    opt = cls(model.parameters(), model=model, **hyper(name), **kw)
+    for x, y, keep in data(steps, ROWS.get(name, 8)):
         xs, ys, ks = x.chunk(2)[rank], y.chunk(2)[rank], keep.chunk(2)[rank]
         opt.zero_grad()
         loss_fn(ddp, xs, ys, ks, len(x), int(keep.sum())).mul(2).backward()
@@ -96,19 +107,23 @@ def test_ddp_equals_single_process_on_concatenated_batch(name, tmp_path):
 
     model = Net()
     cls, kw = OPTIMS[name]
-    opt = cls(model.parameters(), model=model, **HP, **kw)
-    for x, y, keep in data(steps):
+    opt = cls(model.parameters(), model=model, **hyper(name), **kw)
+    for x, y, keep in data(steps, ROWS.get(name, 8)):
         opt.zero_grad()
         loss_fn(model, x, y, keep, len(x), int(keep.sum())).backward()
         opt.step()
     single = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     # Adam divides by sqrt(v): near-zero gradients amplify the fp32 summation
     # order noise of the all-reduce, so allow 1 % of one lr-sized step there
-    atol = 1e-4 if name == 'AdaNKFAC' else 1e-5
+    atol = 1e-5 if name == 'NKFAC' else 1e-4
     torch.testing.assert_close(r0, single, rtol=1e-4, atol=atol)
     # the head ran on rank 0 only, yet its factors exist and match
     for key, value in opt.layer_state['head'].items():
-        err = (res['state']['head'][key] - value).norm() / value.norm()
+        got = res['state']['head'][key]
+        if not value.is_floating_point():  # counters
+            assert torch.equal(got, value), key
+            continue
+        err = (got - value).norm() / value.norm()
         assert err < 1e-4, (key, float(err))
 
 

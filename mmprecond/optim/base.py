@@ -252,7 +252,12 @@ class PrecondOptimizer(Optimizer):
         return float(scaler.get_scale())
 
     def _reduced_statistics(self) -> Dict[str, BatchStatistics]:
-        """This iteration's statistics of every layer, averaged over ranks."""
+        """This iteration's statistics of every layer, reduced over ranks.
+
+        Every rank issues the same bucketed all-reduce over all layers in
+        the same order (zeros for a layer that did not run here), so a head
+        that saw no RoIs on some rank cannot deadlock the others.
+        """
         buffers = self.capture.buffers
         if world_size() > 1:
             tensors: List[Tensor] = []
@@ -268,7 +273,13 @@ class PrecondOptimizer(Optimizer):
                                       dtype=torch.float32)
                 tensors += [buf.xx, buf.gg, counts]
             all_reduce_sum_(tensors)
+            # DDP averages gradients over ranks, so each rank's output
+            # gradients are ``world`` times their share of the averaged
+            # gradient: the summed Delta^T Delta is divided by world^2 to
+            # equal one process's statistic on the concatenated batch.
+            world = world_size()
             for i, name in enumerate(self.layers):
+                buffers[name].gg.div_(world * world)
                 counts = tensors[3 * i + 2]
                 buffers[name].x_rows = int(counts[0].item())
                 buffers[name].g_rows = int(counts[1].item())
