@@ -1,0 +1,21 @@
+# Swin-T on ImageNet-1k with AdamR.  Not a thesis experiment (AdamR's
+# ImageNet runs are ResNets); the settings follow its rule that AdamR takes
+# the task's AdamW values: mmpretrain's lr 1e-3 and decoupled weight decay
+# 0.05, with everything else default (300-epoch warm-up + cosine schedule,
+# gradient clipping at 5, paramwise_cfg).
+_base_ = 'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py'
+custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+
+optim_wrapper = dict(
+    type='OptimWrapper',
+    constructor='PrecondOptimWrapperConstructor',
+    optimizer=dict(
+        _delete_=True,
+        type='AdamR',
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.05,
+        stat_interval=100,
+        basis_interval=1000,
+        eps_basis=0.01))
