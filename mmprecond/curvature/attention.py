@@ -553,14 +553,17 @@ class AttentionTap:
 
     def _deliver(self, name: str, module: nn.Module, args: tuple, kwargs: dict,
                  probs: Optional[Tensor]) -> None:
+        # fp32 maths even inside an autocast region (the hooks run there)
+        weight = self.adapters[name].layout(module).q.weight
+        fp32 = torch.autocast(device_type=weight.device.type, enabled=False)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), fp32:
                 record = self.adapters[name].extract(module, args, kwargs, probs)
         except UnsupportedCall as exc:
             if self.on_skip is not None:
                 self.on_skip(name, str(exc))
             return
-        with torch.no_grad():
+        with torch.no_grad(), fp32:
             self.on_record(name, record)
 
     def clear(self) -> None:

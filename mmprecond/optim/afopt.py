@@ -13,6 +13,7 @@ Notation (row convention, one window / sequence ``b`` and head ``h``):
 and the head output, the input of the projection layer, is
 ``o_i = sum_j s_ij v_j`` (``X_P`` stacks the ``o_i`` of all heads).
 """
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -236,7 +237,7 @@ class AttentionFeatureDescent(FeatureDescent):
         xp = accumulate_record(self.attention_sums[name], rec, layout,
                                self.value_jitter)
         proj = layout.functional_out_proj
-        proj_name = self._layer_names.get(id(proj))
+        proj_name = None if proj is None else self._layer_names.get(id(proj))
         if proj_name is not None:  # its own hooks never fire: feed FSGD here
             self.capture.buffers[proj_name].add_input(*input_rows_gram(proj, xp))
 
@@ -334,6 +335,7 @@ class AttentionFeatureDescent(FeatureDescent):
         return self.recover(pg, g)
 
     def base_step(self, directions: Dict[Tensor, Tensor]) -> None:
+        clock = time.perf_counter()
         for name, (_, layout) in self.attention.items():
             new: Dict[Tensor, Tensor] = {}
             for key, block in layout.blocks.items():
@@ -359,6 +361,7 @@ class AttentionFeatureDescent(FeatureDescent):
                         new[b] = directions[b].clone()
                     new[b][block.bias_rows] = pg[:, -1].to(new[b].dtype)
             directions.update(new)
+        self.phase_seconds['precondition'] += time.perf_counter() - clock
         super().base_step(directions)
 
     # ------------------------------------------------------------- lifecycle

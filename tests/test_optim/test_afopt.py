@@ -367,3 +367,49 @@ def test_mmdet_swin_backbone_steps():
     assert st['LQ'].shape == (2, 16, 16) and st['RV'].shape == (33, 33)
     assert losses[-1] < losses[0]
     assert not opt.fallbacks.counts.get('nonfinite_statistics')
+
+
+# ---------------------------------------------------------------------- DDP
+def _ddp_worker(rank, world, port, steps, result_path):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = TinyTransformer()
+    ddp = DDP(model)
+    opt = Ada_AFOpt(model.parameters(), model=model, lr=1e-2, stat_interval=1,
+                    inv_interval=2)
+    for x, y in seq_batches(steps, size=8):
+        opt.zero_grad()
+        F.cross_entropy(ddp(x.chunk(2)[rank]), y.chunk(2)[rank]).backward()
+        opt.step()
+    if rank == 0:
+        torch.save(dict(params=[p.detach() for p in model.parameters()],
+                        state=opt.layer_state['attn']), result_path)
+    dist.destroy_process_group()
+
+
+def test_ddp_equals_single_process_on_concatenated_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    steps, path = 4, str(tmp_path / 'result.pt')
+    mp.spawn(_ddp_worker, args=(2, port, steps, path), nprocs=2, join=True)
+    res = torch.load(path)
+    model = TinyTransformer()
+    opt = Ada_AFOpt(model.parameters(), model=model, lr=1e-2, stat_interval=1,
+                    inv_interval=2)
+    run(model, opt, seq_batches(steps, size=8))
+    for key, value in opt.layer_state['attn'].items():  # summed over ranks
+        err = (res['state'][key] - value).norm() / value.norm()
+        assert err < 1e-4, (key, float(err))
+    for got, p in zip(res['params'], model.parameters()):
+        torch.testing.assert_close(got, p.detach(), rtol=1e-4, atol=1e-4)
