@@ -471,6 +471,10 @@ class AFOpt(AttentionFeatureDescent):
     directions are then used by a ``torch.optim.SGD`` step (momentum,
     coupled L2 decay added after preconditioning), so ``lr`` and
     ``weight_decay`` carry over from an SGD config.
+
+    Reference: Y. Sun, *Designing Effective Preconditioned Optimizers for
+    Deep Neural Network Training*, PhD thesis, PolyU 2024, chapter 5
+    (Algorithm 7, Table 5.1).
     """ + _AFOPT_BOX + _AFOPT_READINGS + r"""
     Args:
         params (Iterable): Parameters or parameter groups.
@@ -537,6 +541,9 @@ class Ada_AFOpt(AttentionFeatureDescent):  # noqa: N801 (the thesis' name)
     ``G^`` inside the moments is read as ``G~``, its ``sqrt(V + eps)`` as
     torch's ``sqrt(V) + eps``; decoupled weight decay ``W <- W (1 - lr
     wd)``, which the box omits).
+
+    Reference: Y. Sun, PhD thesis, PolyU 2024, chapter 5 (Algorithm 8,
+    Table 5.2).
     """ + _AFOPT_BOX + _AFOPT_READINGS + r"""
     Args:
         params (Iterable): Parameters or parameter groups.

@@ -193,6 +193,10 @@ class FSGD(FeatureDescent):
     input-side factor only (no output-gradient factor), damped and
     refreshed periodically, then takes a ``torch.optim.SGD`` step:
     ``d = G~ + wd W``, ``buf = mu buf + d``, ``W <- W - lr buf``.
+
+    References: H. Yong, *Towards Efficient and Effective Deep Neural
+    Network Optimization*, PhD thesis, PolyU 2022; Y. Sun, PhD thesis,
+    PolyU 2024, section 5.2.2 and Table 5.1.
     """ + _FSGD_BOX + _FSGD_READINGS + r"""
     With nothing preconditioned (``max_factor_dim=1``), or with inputs whose
     second moment is the identity, FSGD is exactly ``torch.optim.SGD``.
