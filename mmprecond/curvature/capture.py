@@ -226,7 +226,10 @@ class _ForwardHook:
             return  # e.g. zero RoIs: nothing to learn from
         if not output.requires_grad:
             return
-        gram, rows = input_rows_gram(module, x)
+        # fp32 products even inside an autocast region (autocast would run
+        # the matmuls in fp16/bf16 whatever the inputs' dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            gram, rows = input_rows_gram(module, x)
         capture.buffers[self.name].add_input(gram, rows)
         output.register_hook(_GradHook(capture, self.name, module))
 
@@ -245,7 +248,8 @@ class _GradHook:
         module = self.module_ref()
         if capture is None or module is None:
             return None
-        gram, rows = output_grad_gram(module, grad)
+        with torch.autocast(grad.device.type, enabled=False):
+            gram, rows = output_grad_gram(module, grad)
         capture.buffers[self.name].add_grad(gram, rows)
         capture.has_backward = True
         return None

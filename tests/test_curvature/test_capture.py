@@ -168,3 +168,19 @@ def test_deepcopy_of_hooked_model_is_inert_and_does_not_keep_capture_alive():
     assert ref() is None  # the model's hooks did not keep it alive
     twin(torch.randn(5, 4)).sum().backward()  # stale hooks are harmless
     net(torch.randn(5, 4)).sum().backward()
+
+
+def test_statistics_are_fp32_inside_autocast():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    cap = LayerCapture({'lin': lin}, ['lin'])
+    cap.active = True
+    x = torch.randn(16, 8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = lin(x)
+    out.float().sum().backward()
+    buf = cap.buffers['lin']
+    assert buf.xx.dtype == torch.float32 and buf.gg.dtype == torch.float32
+    rows = with_ones(x, True)
+    # bf16 matmuls would be off by ~1e-2 relative; fp32 ones are exact here
+    torch.testing.assert_close(buf.xx, rows.T @ rows, rtol=1e-5, atol=1e-5)
