@@ -8,7 +8,7 @@ VENV ?= $(or $(MMPRECOND_VENV),.venv)
 VENV_PY := $(VENV)/bin/python
 # The demo config reads data/synthetic_coco/ (configs/_base_/datasets).
 DATA_DIR := data/synthetic_coco
-DEMO_CONFIG ?= configs/demo/faster-rcnn_r18-tiny_fpn_adamw_synthetic.py
+DEMO_CONFIG ?= configs/demo/faster-rcnn_r18-tiny_fpn_adankfac_synthetic.py
 DEMO_WORK_DIR ?= work_dirs/demo
 PYTEST_ARGS ?=
 # One intra-op thread per process unless set: on 2 cores, torch's default of
