@@ -31,8 +31,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         help='dump the raw predictions to this pickle file (.pkl)')
     parser.add_argument(
         '--show-dir',
-        help='save images with drawn predictions under '
-        '<work_dir>/<timestamp>/<show_dir>')
+        help='save images with drawn predictions under <work_dir>/'
+        '<timestamp>/<show_dir> (mmdet) or <work_dir>/<show_dir> (mmpretrain)')
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -56,19 +56,22 @@ def add_dump_metric(cfg: Config, out: str) -> None:
 
 
 def enable_visualization(cfg: Config, show_dir: str) -> None:
-    """Make the config's visualization hook draw test predictions.
+    """Make the config's visualization hook draw every test prediction.
 
-    MMDetection's ``DetVisualizationHook`` takes ``draw``/``test_out_dir``;
-    MMPretrain's ``VisualizationHook`` takes ``enable``/``out_dir``.
+    MMDetection's ``DetVisualizationHook`` takes ``draw``/``test_out_dir``
+    (and writes under ``<work_dir>/<timestamp>/``); MMPretrain's
+    ``VisualizationHook`` takes ``enable``/``out_dir``/``interval`` (and
+    writes where it is told, so it is given ``<work_dir>/<show_dir>``).
     """
     hook = cfg.get('default_hooks', {}).get('visualization')
     if hook is None:
         raise ValueError('--show-dir needs `default_hooks.visualization` in '
                          'the config.')
     if 'DetVisualizationHook' in str(hook.get('type')):
-        hook.update(draw=True, test_out_dir=show_dir)
+        hook.update(draw=True, interval=1, test_out_dir=show_dir)
     else:
-        hook.update(enable=True, out_dir=show_dir)
+        hook.update(
+            enable=True, interval=1, out_dir=osp.join(cfg.work_dir, show_dir))
 
 
 def main(argv: Optional[list] = None) -> None:
