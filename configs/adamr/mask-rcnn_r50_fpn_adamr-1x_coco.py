@@ -1,0 +1,17 @@
+# Mask R-CNN R50-FPN 1x on COCO with AdamR (thesis Table 4.6: 39.6 box /
+# 36.5 mask AP; AdamW 37.8 / 35.4).  lr / weight decay as for Faster R-CNN.
+_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+
+optim_wrapper = dict(
+    type='OptimWrapper',
+    constructor='PrecondOptimWrapperConstructor',
+    optimizer=dict(
+        _delete_=True,  # drop SGD's momentum
+        type='AdamR',
+        lr=1e-4,
+        betas=(0.9, 0.999),
+        weight_decay=0.2,
+        stat_interval=100,
+        basis_interval=1000,
+        eps_basis=0.01))
