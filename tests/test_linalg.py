@@ -32,6 +32,35 @@ def test_power_iteration_matches_eigvalsh():
     assert 0.95 * 3.0 <= float(power_iteration_lmax(a)) <= 3.0 + 1e-9
 
 
+def test_power_iteration_on_softmax_gradient_factor():
+    # Cross-entropy output gradients sum to zero over classes, so the all-ones
+    # vector spans the null space of Delta Delta^T; a ones start would only
+    # amplify round-off.  The estimate must be accurate and thread-independent.
+    torch.manual_seed(0)
+    logits = torch.randn(12, 5)
+    target = torch.randint(0, 5, (12, ))
+    delta = logits.softmax(1) - torch.nn.functional.one_hot(target, 5)
+    # integer rows summing to exactly zero: Delta Delta^T 1 == 0 in fp32 too
+    ints = torch.randint(-3, 4, (12, 4)).float()
+    for gg in (delta.T @ delta / 12,
+               torch.cat([ints, -ints.sum(1, keepdim=True)], 1).T
+               @ torch.cat([ints, -ints.sum(1, keepdim=True)], 1)):
+        assert float(gg.sum(0).abs().max()) < 1e-5 * float(gg.abs().max())
+        check_lmax(gg)
+
+
+def check_lmax(gg):
+    true = float(torch.linalg.eigvalsh(gg.double()).max())
+    est = float(power_iteration_lmax(gg))
+    assert 0.95 * true <= est <= true * (1 + 1e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert float(power_iteration_lmax(gg)) == est
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_damp_adds_relative_and_floor():
     a = torch.diag(torch.tensor([2.0, 1.0]))
     d = damp(a, 0.01, lmax=torch.tensor(2.0))
