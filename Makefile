@@ -18,14 +18,16 @@ PYTEST_ARGS ?=
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: help env data demo test test-fast lint bench
+.PHONY: help env data demo test test-fast test-zoo lint bench
 
 help:
 	@echo "make env        create/refresh $(VENV) (tools/install_env.sh)"
 	@echo "make data       generate the synthetic COCO set in $(DATA_DIR)"
 	@echo "make demo       train + evaluate the tiny Faster R-CNN demo, print its bbox AP"
-	@echo "make test       the whole test suite, slow end-to-end tests included"
-	@echo "make test-fast  the tests not marked slow"
+	@echo "make test       the test suite, slow end-to-end tests included (one zoo"
+	@echo "                config per model family x optimizer)"
+	@echo "make test-fast  the tests not marked slow or zoo"
+	@echo "make test-zoo   every zoo config (tests/test_configs)"
 	@echo "make lint       ruff"
 	@echo "make bench      run every benchmarks/bench_*.py"
 
@@ -45,10 +47,13 @@ demo: env data
 		| sed 's/^/demo: /' | grep . || { echo "demo: no bbox_mAP printed" >&2; exit 1; }
 
 test: env
-	$(VENV_PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
+	$(VENV_PY) -m pytest -q -m "not zoo" --durations=15 $(PYTEST_ARGS) tests
 
 test-fast: env
-	$(VENV_PY) -m pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS) tests
+	$(VENV_PY) -m pytest -q -m "not slow and not zoo" --durations=10 $(PYTEST_ARGS) tests
+
+test-zoo: env
+	$(VENV_PY) -m pytest -q --durations=10 $(PYTEST_ARGS) tests/test_configs
 
 lint: env
 	$(VENV_PY) -m ruff check .
