@@ -9,7 +9,7 @@ For a layer ``z = W x (+ b)`` the capture collects, on statistics steps only,
   column), together with the number of rows;
 * ``Delta^T Delta`` summed over every output-gradient row.
 
-Design points (see ``shared/spec/prior-art.md`` section 4.7):
+Design points (the traps public K-FAC libraries document):
 
 * **Forward hook + tensor hook.**  The gradient w.r.t. the output is taken
   from a hook registered on the output tensor inside the forward hook, not

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..curvature.capture import factor_dims, split_gradient_matrix
 from ..curvature.factors import BatchStatistics, mean_update
+from ..distributed import run_sharded
 from ..linalg import safe_eigh
 from .base import PrecondOptimizer, adamw_update, check_positive, check_unit_interval
 
@@ -162,6 +163,12 @@ class AdamR(PrecondOptimizer):
             eigendecomposition. Defaults to 0.01.
         moment_projection (str): ``'keep'`` or ``'project'``.
         max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
+        shard_basis (bool): Under ``torch.distributed``, compute each
+            factor's eigendecomposition on one rank (assigned by ``n^3``
+            cost) and broadcast the eigenvectors, so the basis refresh time
+            falls with the number of ranks.  ``False``: every rank computes
+            every basis.  Ranks end up bit-identical either way.  A failure
+            is counted on the rank that computed it.  Defaults to True.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -189,7 +196,8 @@ class AdamR(PrecondOptimizer):
                  basis_interval: int = 1000,
                  eps_basis: float = 0.01,
                  moment_projection: str = 'keep',
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> None:
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
+                 shard_basis: bool = True) -> None:
         check_positive('lr', lr, allow_zero=True)
         check_positive('eps', eps, allow_zero=True)
         check_positive('weight_decay', weight_decay, allow_zero=True)
@@ -208,6 +216,7 @@ class AdamR(PrecondOptimizer):
         self.basis_interval = int(basis_interval)
         self.eps_basis = float(eps_basis)
         self.moment_projection = moment_projection
+        self.shard_basis = bool(shard_basis)
 
     # ------------------------------------------------------------ statistics
     def _sides(self, module: nn.Module) -> Tuple[str, ...]:
@@ -252,28 +261,51 @@ class AdamR(PrecondOptimizer):
             return None
         return vecs.to(factor.dtype)
 
+    def _basis_task(self, name: str, factor: Tensor):
+        """Eigenvectors of ``factor``, or a NaN matrix when they failed."""
+
+        def fn():
+            vecs = self._eigenbasis(name, factor)
+            if vecs is None:
+                vecs = torch.full_like(factor, float('nan'))
+            return [vecs]
+
+        return fn
+
     def update_preconditioners(self, step: int) -> None:
         if step == 0 or step % self.basis_interval != 0:
             return
+        tasks, slots = [], []
         for name in self.layers:
             st = self.layer_state.get(name)
             if not st:
                 continue
-            changes: Dict[str, Tensor] = {}
             for side, key in _BASIS_OF:
-                if side not in st:
-                    continue
-                new = self._eigenbasis(name, st[side])
-                if new is not None:
-                    changes[key] = align_signs(new, st.get(key))
+                if side in st:
+                    slots.append((name, key))
+                    tasks.append((float(st[side].shape[0])**3, [st[side]],
+                                  self._basis_task(name, st[side])))
+        if not tasks:
+            return
+        if self.shard_basis:
+            results = run_sharded(tasks)
+        else:
+            results = [fn() for _, _, fn in tasks]
+        changes: Dict[str, Dict[str, Tensor]] = {}
+        for (name, key), (vecs, ) in zip(slots, results):
+            if bool(torch.isfinite(vecs).all()):  # else: the old basis stays
+                old = self.layer_state[name].get(key)
+                changes.setdefault(name, {})[key] = align_signs(vecs, old)
+        for name, new_bases in changes.items():
+            st = self.layer_state[name]
             if self.moment_projection == 'project' and 'exp_avg' in st:
                 rel = {}
-                for key, new in changes.items():
+                for key, new in new_bases.items():
                     old = st.get(key)
                     rel[key] = new.T if old is None else new.T @ old
                 project_moments(st['exp_avg'], st['exp_avg_sq'], rel.get('U1'),
                                 rel.get('U2'))
-            st.update(changes)
+            st.update(new_bases)
 
     # -------------------------------------------------------------- rotation
     def precondition(self, name: str, module: nn.Module,

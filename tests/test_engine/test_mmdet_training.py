@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import torch.nn as nn
 from conftest import DEMO_DET_CONFIG
 from mmengine.config import Config
 from mmengine.hooks import Hook
@@ -62,8 +63,15 @@ def test_faster_rcnn_trains_and_loss_falls(optimizer, tiny_coco, tmp_path):
     assert type(opt).__name__ == optimizer['type']
     # every Linear/Conv2d of backbone, neck, RPN and RoI head is preconditioned
     names = set(opt.layers)
-    assert {'backbone.conv1', 'neck.fpn_convs.0.conv', 'rpn_head.rpn_conv',
+    hookable = {
+        n for n, m in runner.model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad
+    }
+    assert names == hookable
+    assert {'neck.fpn_convs.0.conv', 'rpn_head.rpn_conv',
             'roi_head.bbox_head.shared_fcs.0', 'roi_head.bbox_head.fc_cls'} <= names
+    assert any(n.startswith('backbone.stem') or n == 'backbone.conv1'
+               for n in names)
     # Newton refreshes happened (steps 18, 30, 36: > 2 T_inv, not multiples of 12)
     state = opt.layer_state['roi_head.bbox_head.shared_fcs.0']
     assert {'L_inv', 'R_inv'} <= set(state)
