@@ -145,8 +145,22 @@ class AdamR(PrecondOptimizer):
       AdamW.  A side above ``max_factor_dim`` keeps the identity rotation.
 
     Moment handling, measured (``benchmarks/adamr_moments.py``: the demo
-    ResNet-18 Faster R-CNN on the synthetic shapes set, CPU, seed 0):
-    MEASUREMENT_PLACEHOLDER
+    ResNet-18 Faster R-CNN on the synthetic shapes set, CPU, seed 0, 1000
+    iterations, lr 2e-3, wd 0.05, ``T_s=10``, ``T_u=100``; each variant in
+    its own process)::
+
+        variant   loss first 50  loss last 50  bbox mAP  mAP@0.5
+        AdamW         1.0848        0.6493       0.486    0.737
+        keep          1.0860        0.5580       0.544    0.773
+        project       1.0860        0.5568       0.548    0.774
+
+    Both AdamR variants clearly beat AdamW (+0.06 mAP); ``'project'`` is
+    ahead of ``'keep'`` on both final loss and mAP, by a margin that one
+    seed cannot separate from noise.  It is the default because it won the
+    measurement and because with ``'keep'`` the moments describe
+    coordinates of a basis that no longer exists; its cost is a few small
+    matmuls per layer every ``T_u`` steps.  ``moment_projection='keep'``
+    reproduces Algorithm 6 exactly.
 
     Args:
         params (Iterable): Parameters or parameter groups.
@@ -161,7 +175,7 @@ class AdamR(PrecondOptimizer):
         basis_interval (int): ``T_u``. Defaults to 1000.
         eps_basis (float): ``eps_b`` added to ``L`` and ``R`` before the
             eigendecomposition. Defaults to 0.01.
-        moment_projection (str): ``'keep'`` or ``'project'``.
+        moment_projection (str): ``'project'`` (default) or ``'keep'``.
         max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
         shard_basis (bool): Under ``torch.distributed``, compute each
             factor's eigendecomposition on one rank (assigned by ``n^3``
@@ -195,7 +209,7 @@ class AdamR(PrecondOptimizer):
                  stat_interval: int = 100,
                  basis_interval: int = 1000,
                  eps_basis: float = 0.01,
-                 moment_projection: str = 'keep',
+                 moment_projection: str = 'project',
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
                  shard_basis: bool = True) -> None:
         check_positive('lr', lr, allow_zero=True)
