@@ -11,8 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-#: Bytes per all-reduce bucket.
-BUCKET_BYTES = 32 << 20
+#: Bytes per all-reduce bucket.  One statistics step of a ResNet-50 FPN
+#: Faster R-CNN (170 tensors, Gram matrices up to 8192 wide: 0.74 GB in fp32)
+#: then takes 3 collectives instead of 170; the price is one transient copy
+#: of at most this size.
+BUCKET_BYTES = 256 << 20
 
 
 def world_size() -> int:
@@ -22,26 +25,43 @@ def world_size() -> int:
     return 1
 
 
+def bucket_plan(tensors: List[Tensor],
+                bucket_bytes: int = BUCKET_BYTES) -> List[List[int]]:
+    """Group tensor indices into flat all-reduce buckets, in order.
+
+    Consecutive tensors of one dtype and device share a bucket of at most
+    ``bucket_bytes`` (a single larger tensor gets a bucket of its own).  The
+    plan depends only on shapes, dtypes and devices, so every rank that
+    passes the same list issues the same collectives in the same order.
+    """
+    plan: List[List[int]] = []
+    size = 0
+    for i, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        last = tensors[plan[-1][0]] if plan else None
+        if (last is None or size + nbytes > bucket_bytes
+                or t.dtype != last.dtype or t.device != last.device):
+            plan.append([])
+            size = 0
+        plan[-1].append(i)
+        size += nbytes
+    return plan
+
+
 def all_reduce_sum_(tensors: List[Tensor], bucket_bytes: int = BUCKET_BYTES) -> int:
     """Sum ``tensors`` in place across ranks, packed into flat buckets.
 
-    Tensors of one dtype and device are concatenated into buckets of at most
-    ``bucket_bytes`` (a single larger tensor gets a bucket of its own), so a
-    ResNet-50 FPN needs a handful of collectives rather than hundreds.
+    See :func:`bucket_plan`: a ResNet-50 FPN needs a handful of collectives
+    rather than hundreds.
 
     Returns:
         int: Number of collectives issued (0 without distributed).
     """
     if world_size() == 1 or not tensors:
         return 0
-    issued = 0
-    bucket: List[Tensor] = []
-    size = 0
-
-    def flush() -> None:
-        nonlocal bucket, size, issued
-        if not bucket:
-            return
+    plan = bucket_plan(tensors, bucket_bytes)
+    for idx in plan:
+        bucket = [tensors[i] for i in idx]
         flat = torch.cat([t.reshape(-1) for t in bucket])
         dist.all_reduce(flat)
         offset = 0
@@ -49,18 +69,7 @@ def all_reduce_sum_(tensors: List[Tensor], bucket_bytes: int = BUCKET_BYTES) -> 
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
-        issued += 1
-        bucket, size = [], 0
-
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if bucket and (size + nbytes > bucket_bytes or t.dtype != bucket[0].dtype
-                       or t.device != bucket[0].device):
-            flush()
-        bucket.append(t)
-        size += nbytes
-    flush()
-    return issued
+    return len(plan)
 
 
 def assign_by_cost(costs: List[float], ranks: int) -> List[int]:

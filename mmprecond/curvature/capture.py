@@ -228,9 +228,13 @@ class _ForwardHook:
             return
         # fp32 products even inside an autocast region (autocast would run
         # the matmuls in fp16/bf16 whatever the inputs' dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            gram, rows = input_rows_gram(module, x)
-        capture.buffers[self.name].add_input(gram, rows)
+        want_x, _ = capture.sides[self.name]
+        if want_x:
+            with torch.autocast(x.device.type, enabled=False):
+                gram, rows = input_rows_gram(module, x)
+            capture.buffers[self.name].add_input(gram, rows)
+        # registered even when Delta^T Delta is not wanted: it also tells the
+        # optimizer that a backward pass ran
         output.register_hook(_GradHook(capture, self.name, module))
 
 
@@ -248,9 +252,10 @@ class _GradHook:
         module = self.module_ref()
         if capture is None or module is None:
             return None
-        with torch.autocast(grad.device.type, enabled=False):
-            gram, rows = output_grad_gram(module, grad)
-        capture.buffers[self.name].add_grad(gram, rows)
+        if capture.sides[self.name][1]:
+            with torch.autocast(grad.device.type, enabled=False):
+                gram, rows = output_grad_gram(module, grad)
+            capture.buffers[self.name].add_grad(gram, rows)
         capture.has_backward = True
         return None
 
@@ -263,6 +268,11 @@ class LayerCapture:
             (``dict(model.named_modules())``).
         names (Iterable[str]): Names of the layers to hook; each must be
             supported (see :func:`supported_reason`).
+        sides (dict[str, tuple[bool, bool]], optional): Per layer, whether
+            ``X^T X`` and ``Delta^T Delta`` are formed.  A side the optimizer
+            does not use (wider than ``max_factor_dim``, or FSGD's output
+            side) costs nothing: no product, no memory, no all-reduce.
+            Defaults to both sides for every layer.
 
     Attributes:
         active (bool): Collect on the next forward/backward passes.  The
@@ -272,9 +282,17 @@ class LayerCapture:
             since the last :meth:`clear`.
     """
 
-    def __init__(self, modules: Dict[str, nn.Module], names: Iterable[str]) -> None:
+    def __init__(self,
+                 modules: Dict[str, nn.Module],
+                 names: Iterable[str],
+                 sides: Optional[Dict[str, Tuple[bool, bool]]] = None) -> None:
         self.names: List[str] = list(names)
         self.modules: Dict[str, nn.Module] = {n: modules[n] for n in self.names}
+        sides = sides or {}
+        self.sides: Dict[str, Tuple[bool, bool]] = {
+            n: tuple(bool(v) for v in sides.get(n, (True, True)))
+            for n in self.names
+        }
         self.active = False
         self.has_backward = False
         self.buffers: Dict[str, StatBuffer] = {n: StatBuffer() for n in self.names}

@@ -20,7 +20,7 @@ Subclasses implement only the algorithm-specific parts
 import math
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -179,7 +179,9 @@ class PrecondOptimizer(Optimizer):
         self.grad_scaler: Optional[Any] = None
         self.layer_state: Dict[str, Dict[str, Tensor]] = {}
         self.layers = self._select_layers(model, layer_types)
-        self.capture = LayerCapture(dict(model.named_modules()), self.layers)
+        self.capture = LayerCapture(
+            dict(model.named_modules()), self.layers,
+            sides={n: self.capture_sides(m) for n, m in self.layers.items()})
         self.capture.active = self.is_stat_step(0)
 
     # ------------------------------------------------------------------ setup
@@ -216,6 +218,16 @@ class PrecondOptimizer(Optimizer):
     def side_enabled(self, dim: int) -> bool:
         """Whether a factor of size ``dim`` is formed (see max_factor_dim)."""
         return dim <= self.max_factor_dim
+
+    def capture_sides(self, module: nn.Module) -> Tuple[bool, bool]:
+        """Whether ``X^T X`` and ``Delta^T Delta`` of ``module`` are collected.
+
+        Kronecker optimizers use both sides up to ``max_factor_dim``; a
+        wider side is never formed (Faster R-CNN's ``shared_fcs.0`` input
+        Gram would be 12545 x 12545).  Input-only optimizers override this.
+        """
+        d_out, d_in = factor_dims(module)
+        return self.side_enabled(d_in), self.side_enabled(d_out)
 
     def attach_grad_scaler(self, scaler: Any) -> None:
         """Tell the optimizer which ``GradScaler`` scales the loss.
@@ -261,28 +273,34 @@ class PrecondOptimizer(Optimizer):
         buffers = self.capture.buffers
         if world_size() > 1:
             tensors: List[Tensor] = []
+            counts: Dict[str, Tensor] = {}
             for name, module in self.layers.items():
                 buf = buffers[name]
+                want_x, want_g = self.capture.sides[name]
                 d_out, d_in = factor_dims(module)
                 dev = module.weight.device
-                if buf.xx is None:
-                    buf.xx = torch.zeros(d_in, d_in, device=dev)
-                if buf.gg is None:
-                    buf.gg = torch.zeros(d_out, d_out, device=dev)
-                counts = torch.tensor([buf.x_rows, buf.g_rows], device=dev,
-                                      dtype=torch.float32)
-                tensors += [buf.xx, buf.gg, counts]
+                if want_x:
+                    if buf.xx is None:
+                        buf.xx = torch.zeros(d_in, d_in, device=dev)
+                    tensors.append(buf.xx)
+                if want_g:
+                    if buf.gg is None:
+                        buf.gg = torch.zeros(d_out, d_out, device=dev)
+                    tensors.append(buf.gg)
+                counts[name] = torch.tensor([buf.x_rows, buf.g_rows], device=dev,
+                                            dtype=torch.float32)
+                tensors.append(counts[name])
             all_reduce_sum_(tensors)
             # DDP averages gradients over ranks, so each rank's output
             # gradients are ``world`` times their share of the averaged
             # gradient: the summed Delta^T Delta is divided by world^2 to
             # equal one process's statistic on the concatenated batch.
             world = world_size()
-            for i, name in enumerate(self.layers):
-                buffers[name].gg.div_(world * world)
-                counts = tensors[3 * i + 2]
-                buffers[name].x_rows = int(counts[0].item())
-                buffers[name].g_rows = int(counts[1].item())
+            for name in self.layers:
+                if buffers[name].gg is not None:
+                    buffers[name].gg.div_(world * world)
+                buffers[name].x_rows = int(counts[name][0].item())
+                buffers[name].g_rows = int(counts[name][1].item())
         scale = self._loss_scale()
         out = {}
         for name in self.layers:

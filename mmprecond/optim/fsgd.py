@@ -108,6 +108,10 @@ class FeatureDescent(PrecondOptimizer):
             self.fallbacks.counts['excluded_layers'] += len(too_wide)
         return {n: m for n, m in chosen.items() if n not in too_wide}
 
+    def capture_sides(self, module: nn.Module) -> Tuple[bool, bool]:
+        """Input statistics only: FSGD never uses ``Delta^T Delta``."""
+        return True, False
+
     # ------------------------------------------------------------ statistics
     def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
         for name in self.layers:

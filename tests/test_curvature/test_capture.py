@@ -145,6 +145,38 @@ def test_empty_input_inactive_eval_and_no_grad_contribute_nothing():
     assert cap.buffers['lin'].xx is None and cap.buffers['lin'].gg is None
 
 
+def test_sides_not_wanted_are_never_formed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.randn(7, 6)
+    full = captured(model, ['0', '2'], x)
+    full.remove()
+    model.zero_grad()
+    cap = LayerCapture(dict(model.named_modules()), ['0', '2'],
+                       sides={'0': (False, True), '2': (True, False)})
+    cap.active = True
+    (model(x)**2).sum().backward()
+    assert cap.buffers['0'].xx is None and cap.buffers['2'].gg is None
+    assert cap.has_backward  # the backward pass is still seen
+    torch.testing.assert_close(cap.buffers['0'].gg, full.buffers['0'].gg)
+    torch.testing.assert_close(cap.buffers['2'].xx, full.buffers['2'].xx)
+
+
+def test_optimizer_collects_only_the_sides_it_uses():
+    from mmprecond.optim import FSGD, NKFAC
+    model = nn.Sequential(nn.Linear(300, 4), nn.ReLU(), nn.Linear(4, 3))
+    opt = NKFAC(model.parameters(), model=model, max_factor_dim=100)
+    # Linear(300, 4): the 301-wide input Gram is above max_factor_dim
+    assert opt.capture.sides == {'0': (False, True), '2': (True, True)}
+    (model(torch.randn(5, 300))**2).sum().backward()
+    assert opt.capture.buffers['0'].xx is None
+    assert opt.capture.buffers['0'].gg.shape == (4, 4)
+    opt.step()
+    assert set(opt.layer_state['0']) == {'L', 'L_inv'}
+    fsgd = FSGD(model.parameters(), model=model)
+    assert set(fsgd.capture.sides.values()) == {(True, False)}
+
+
 def test_unsupported_layers_are_reported():
     assert supported_reason(nn.Conv2d(4, 4, 3, groups=2)).startswith('grouped')
     assert 'padding_mode' in supported_reason(
