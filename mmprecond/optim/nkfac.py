@@ -63,7 +63,10 @@ class _KroneckerInverse(PrecondOptimizer):
 
     Every ``inv_interval`` steps each factor is damped,
     ``A = S + max(1e-4, damping * lambda_max(S)) I`` (``lambda_max`` by 10
-    power iterations from the ones vector), and inverted: exactly at steps
+    power iterations, as in the code, but from a fixed pseudo-random vector
+    instead of the code's all-ones one, which lies in the null space of a
+    softmax classifier's ``L``; see
+    :func:`~mmprecond.linalg.power_iteration_lmax`), and inverted: exactly at steps
     ``0, T, 2T`` and every ``exact_inv_period * T`` (the code's schedule,
     not the literal ``t < 2 T_inv`` of Algorithm 3), otherwise by
     ``newton_steps`` warm-started Newton-Schulz steps.  A guard compares the
