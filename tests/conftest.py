@@ -74,6 +74,23 @@ def coco_cfg_options(data_root: Path,
                             splits)
 
 
+def use_coco_root(cfg, data_root: Path) -> None:
+    """Point a loaded mmdet config's loaders and COCO evaluators at ``data_root``.
+
+    The in-process counterpart of :func:`coco_cfg_options` (loaders in the
+    main process, evaluators reading ``data_root``'s val annotations).
+    """
+    root = f'{data_root}/'
+    for split in ('train', 'val', 'test'):
+        loader = cfg[f'{split}_dataloader']
+        loader.dataset.data_root = root
+        loader.num_workers = 0
+        loader.persistent_workers = False
+        if split != 'train':
+            cfg[f'{split}_evaluator'].ann_file = (
+                root + 'annotations/instances_val.json')
+
+
 def run_command(cmd: Sequence[str],
                 timeout: float = 600,
                 env: dict = None,

@@ -1,10 +1,9 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """A real mmdet Faster R-CNN trained through MMEngine's Runner."""
-import copy
 
 import pytest
 import torch.nn as nn
-from conftest import DEMO_DET_CONFIG
+from conftest import DEMO_DET_CONFIG, use_coco_root
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
@@ -24,14 +23,7 @@ class LossRecorder(Hook):
 
 def demo_cfg(data_root, work_dir, optimizer, iters):
     cfg = Config.fromfile(str(DEMO_DET_CONFIG))
-    root = f'{data_root}/'
-    for split in ('train', 'val', 'test'):
-        loader = cfg[f'{split}_dataloader']
-        loader.dataset.data_root = root
-        loader.num_workers = 0
-        loader.persistent_workers = False
-    cfg.val_evaluator.ann_file = root + 'annotations/instances_val.json'
-    cfg.test_evaluator = copy.deepcopy(cfg.val_evaluator)
+    use_coco_root(cfg, data_root)
     cfg.train_cfg.pop('_delete_', None)
     cfg.train_cfg.max_iters = iters
     cfg.train_cfg.val_interval = iters

@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import DEMO_DET_CONFIG
+from conftest import DEMO_DET_CONFIG, use_coco_root
 
 pytest.importorskip('mmdet')
 pytest.importorskip('mmcv.ops')
@@ -18,12 +18,7 @@ def adamr_demo_config(data_root, work_dir):
     from mmengine.config import Config
 
     cfg = Config.fromfile(str(DEMO_DET_CONFIG))
-    root = f'{data_root}/'
-    for split in ('train', 'val', 'test'):
-        loader = cfg[f'{split}_dataloader']
-        loader.dataset.data_root = root
-        loader.num_workers = 0
-        loader.persistent_workers = False
+    use_coco_root(cfg, data_root)
     cfg.merge_from_dict(
         dict(
             work_dir=str(work_dir),
