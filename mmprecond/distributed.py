@@ -88,8 +88,8 @@ def assign_by_cost(costs: List[float], ranks: int) -> List[int]:
     return owner
 
 
-def run_sharded(tasks: List[Tuple[float, List[Tensor], Callable[[], List[Tensor]]]]
-                ) -> List[List[Tensor]]:
+def run_sharded(tasks: List[Tuple[float, List[Tensor], Callable[[], List[Tensor]]]],
+                shard: bool = True) -> List[List[Tensor]]:
     """Run expensive per-layer work on one rank each and share the results.
 
     Each task is ``(cost, templates, fn)``: ``fn()`` returns tensors shaped
@@ -99,11 +99,16 @@ def run_sharded(tasks: List[Tuple[float, List[Tensor], Callable[[], List[Tensor]
     are broadcast from it in one flat buffer, so all ranks end up with
     bit-identical tensors after ``world_size`` broadcasts.
 
+    Args:
+        tasks (list[tuple]): ``(cost, templates, fn)`` per task.
+        shard (bool): ``False`` runs every task on every rank (no
+            communication), the optimizers' "replicated" mode.
+
     Returns:
         list[list[Tensor]]: Each task's results, in task order.
     """
     world = world_size()
-    if world == 1:
+    if world == 1 or not shard:
         return [fn() for _, _, fn in tasks]
     rank = dist.get_rank()
     owner = assign_by_cost([c for c, _, _ in tasks], world)

@@ -301,10 +301,7 @@ class AdamR(PrecondOptimizer):
                                   self._basis_task(name, st[side])))
         if not tasks:
             return
-        if self.shard_basis:
-            results = run_sharded(tasks)
-        else:
-            results = [fn() for _, _, fn in tasks]
+        results = run_sharded(tasks, shard=self.shard_basis)
         changes: Dict[str, Dict[str, Tensor]] = {}
         for (name, key), (vecs, ) in zip(slots, results):
             if bool(torch.isfinite(vecs).all()):  # else: the old basis stays

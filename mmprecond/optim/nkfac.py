@@ -173,10 +173,7 @@ class _KroneckerInverse(PrecondOptimizer):
                                   self._refresh_task(st[side], prev, exact)))
         if not tasks:
             return
-        if self.shard_inverses:
-            results = run_sharded(tasks)
-        else:
-            results = [fn() for _, _, fn in tasks]
+        results = run_sharded(tasks, shard=self.shard_inverses)
         for (st, key), (inv, ) in zip(keys, results):
             st[key] = inv
 
