@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 import pytest
+from mmengine.hooks import Hook
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOOLS_DIR = REPO_ROOT / 'tools'
@@ -72,6 +73,17 @@ def coco_cfg_options(data_root: Path,
     """:func:`data_cfg_options` for the synthetic COCO detection set."""
     return data_cfg_options(data_root, 'annotations/instances_val.json',
                             splits)
+
+
+class LossRecorder(Hook):
+    """Keeps every training iteration's total loss (``runner.register_hook``)."""
+
+    def __init__(self) -> None:
+        self.losses: List[float] = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None) -> None:
+        self.losses.append(float(outputs['loss']))
 
 
 def use_coco_root(cfg, data_root: Path) -> None:

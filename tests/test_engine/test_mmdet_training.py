@@ -3,22 +3,11 @@
 
 import pytest
 import torch.nn as nn
-from conftest import DEMO_DET_CONFIG, use_coco_root
+from conftest import DEMO_DET_CONFIG, LossRecorder, use_coco_root
 from mmengine.config import Config
-from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 pytestmark = pytest.mark.slow
-
-
-class LossRecorder(Hook):
-    """Keeps every iteration's total loss."""
-
-    def __init__(self):
-        self.losses = []
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        self.losses.append(float(outputs['loss']))
 
 
 def demo_cfg(data_root, work_dir, optimizer, iters):

@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import DEMO_DET_CONFIG, use_coco_root
+from conftest import DEMO_DET_CONFIG, LossRecorder, use_coco_root
 
 pytest.importorskip('mmdet')
 pytest.importorskip('mmcv.ops')
@@ -48,17 +48,7 @@ def adamr_demo_config(data_root, work_dir):
 
 
 def test_faster_rcnn_loss_falls_with_adamr(tiny_coco, tmp_path):
-    from mmengine.hooks import Hook
     from mmengine.runner import Runner
-
-    class LossRecorder(Hook):
-
-        def __init__(self):
-            self.losses = []
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None,
-                             outputs=None):
-            self.losses.append(float(outputs['loss']))
 
     cfg = adamr_demo_config(tiny_coco, tmp_path)
     assert 'momentum' not in cfg.optim_wrapper.optimizer

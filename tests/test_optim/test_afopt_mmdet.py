@@ -8,7 +8,7 @@ heads narrowed and the data pointed at the synthetic shapes set.
 import math
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, LossRecorder
 
 pytest.importorskip('mmdet')
 pytest.importorskip('mmcv.ops')
@@ -80,17 +80,7 @@ def small_swin_cfg(config, data_base, data_root, work_dir, optimizer):
 ])
 def test_swin_detector_trains_and_loss_falls(config, data_base, optimizer,
                                              tiny_coco, tmp_path, one_thread):
-    from mmengine.hooks import Hook
     from mmengine.runner import Runner
-
-    class LossRecorder(Hook):
-
-        def __init__(self):
-            self.losses = []
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None,
-                             outputs=None):
-            self.losses.append(float(outputs['loss']))
 
     cfg = small_swin_cfg(config, data_base, tiny_coco, tmp_path, optimizer)
     runner = Runner.from_cfg(cfg)
