@@ -27,8 +27,12 @@ from .base import PrecondOptimizer, adamw_update, check_positive, check_unit_int
 #: 1.3 GB and tens of seconds); that layer is rotated on its output side only.
 DEFAULT_MAX_FACTOR_DIM = 8192
 
-#: Ways to treat the Adam moments when the eigenbasis is refreshed.
-MOMENT_PROJECTIONS = ('keep', 'project')
+#: Ways to treat the Adam moments when the eigenbasis is refreshed (see
+#: :func:`change_moments`); ``'algorithm6'`` is the thesis box exactly.
+MOMENT_PROJECTIONS = ('rotate', 'project', 'keep', 'reset', 'algorithm6')
+
+#: When a layer receives its first basis (see ``first_basis``).
+FIRST_BASIS = ('stat_interval', 'basis_interval')
 
 #: Per-layer scalars kept on the CPU (read with ``.item()`` every step).
 _CPU_KEYS = ('step', 'L_count', 'R_count')
@@ -87,6 +91,49 @@ def project_moments(exp_avg: Tensor, exp_avg_sq: Tensor, left: Optional[Tensor],
         v = v @ (right * right).T
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v.clamp_(min=0))
+
+
+def rotate_moments(exp_avg: Tensor, left: Optional[Tensor],
+                   right: Optional[Tensor]) -> None:
+    """Re-express the first moment in a new basis, exactly, in place.
+
+    ``M <- P1 M P2^T`` with ``P1 = U1_new^T U1_old`` (``left``) and
+    ``P2 = U2_new^T U2_old`` (``right``); ``None`` leaves that side.  The
+    second moment is not touched by this: the ``'rotate'`` policy carries
+    it over matched by eigenvalue order (both bases list their
+    eigenvectors in ascending eigenvalue order, so entry ``(i, j)`` of
+    ``V`` keeps describing the ``i``-th / ``j``-th eigen-direction).
+    """
+    m = exp_avg
+    if left is not None:
+        m = left.to(m.dtype) @ m
+    if right is not None:
+        m = m @ right.to(m.dtype).T
+    exp_avg.copy_(m)
+
+
+def power_step_basis(factor: Tensor, basis: Tensor) -> Tuple[Tensor, Tensor]:
+    """One warm-started orthogonal power step, ``qr(F U)``, batched.
+
+    ``factor`` and ``basis`` are ``(..., n, n)``; the columns of ``basis``
+    are in ascending eigenvalue order (as ``eigh`` returns them).  The QR
+    factorisation runs on the columns in *descending* order: orthogonal
+    iteration pulls its first ``k`` columns towards the top-``k``
+    eigenspace, so in ascending order it would drag the smallest
+    eigenvector onto the largest and scramble the order that the second
+    moment is matched by.  Each column of the result then tracks the same
+    column of ``basis`` (its sign is chosen so that they point the same
+    way).  Where the step is not finite (a non-finite factor or basis) the
+    old basis is returned for that matrix.
+
+    Returns:
+        tuple[Tensor, Tensor]: The new bases and, per matrix, whether its
+        step was finite (a bool tensor of the batch shape).
+    """
+    q = torch.linalg.qr(factor @ basis.flip(-1)).Q.flip(-1)
+    q = q * torch.where((q * basis).sum(-2) < 0, -1.0, 1.0).unsqueeze(-2)
+    ok = torch.isfinite(q).flatten(-2).all(-1)
+    return torch.where(ok[..., None, None], q, basis), ok
 
 
 @OPTIMIZERS.register_module()
@@ -209,7 +256,10 @@ class AdamR(PrecondOptimizer):
                  stat_interval: int = 100,
                  basis_interval: int = 1000,
                  eps_basis: float = 0.01,
-                 moment_projection: str = 'project',
+                 moment_projection: str = 'rotate',
+                 reset_first_basis: Optional[bool] = None,
+                 first_basis: str = 'basis_interval',
+                 power_interval: Optional[int] = None,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
                  shard_basis: bool = True) -> None:
         check_positive('lr', lr, allow_zero=True)
@@ -223,14 +273,34 @@ class AdamR(PrecondOptimizer):
         if moment_projection not in MOMENT_PROJECTIONS:
             raise ValueError(f'Invalid moment_projection: {moment_projection!r} '
                              f'(one of {MOMENT_PROJECTIONS})')
+        thesis = moment_projection == 'algorithm6'
+        if reset_first_basis is None:
+            reset_first_basis = not thesis
+        if thesis and (reset_first_basis or first_basis != 'basis_interval'):
+            raise ValueError("moment_projection='algorithm6' is Algorithm 6 "
+                             'exactly: it takes no reset_first_basis=True and '
+                             "no first_basis other than 'basis_interval'")
+        if first_basis not in FIRST_BASIS:
+            raise ValueError(f'Invalid first_basis: {first_basis!r} '
+                             f'(one of {FIRST_BASIS})')
+        if power_interval is not None and int(power_interval) < 1:
+            raise ValueError(f'Invalid power_interval: {power_interval} (>= 1)')
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, model, 'adamw', stat_interval,
                          max_factor_dim)
         self.basis_interval = int(basis_interval)
         self.eps_basis = float(eps_basis)
-        self.moment_projection = moment_projection
+        self.moment_projection = 'keep' if thesis else moment_projection
+        self.reset_first_basis = bool(reset_first_basis)
+        self.first_basis = first_basis
+        self.power_interval = (None if power_interval is None else
+                               int(power_interval))
         self.shard_basis = bool(shard_basis)
+        # device-side counters of fallbacks taken on steps that must not
+        # synchronise; folded into ``fallbacks`` at each eigh refresh
+        self._device_counts: Dict[str, Tensor] = {}
+        self._finite: Dict[str, Tensor] = {}
 
     # ------------------------------------------------------------ statistics
     def _sides(self, module: nn.Module) -> Tuple[str, ...]:
@@ -286,9 +356,24 @@ class AdamR(PrecondOptimizer):
 
         return fn
 
+    def is_basis_step(self, step: int) -> bool:
+        """Whether the (0-based) ``step`` computes fresh eigenbases."""
+        if step > 0 and step % self.basis_interval == 0:
+            return True
+        return (self.first_basis == 'stat_interval'
+                and step == self.stat_interval < self.basis_interval)
+
     def update_preconditioners(self, step: int) -> None:
-        if step == 0 or step % self.basis_interval != 0:
-            return
+        if self.is_basis_step(step):
+            self._eigh_refresh()
+        elif (self.power_interval is not None and step > 0
+              and step % self.power_interval == 0):
+            self._power_refresh()
+
+    def _eigh_refresh(self) -> None:
+        """Fresh fp64 eigenbases of every factor (sharded over ranks)."""
+        self.sync_fallbacks()
+        self._drop_nonfinite_bases()
         tasks, slots = [], []
         for name in self.layers:
             st = self.layer_state.get(name)
@@ -309,14 +394,100 @@ class AdamR(PrecondOptimizer):
                 changes.setdefault(name, {})[key] = align_signs(vecs, old)
         for name, new_bases in changes.items():
             st = self.layer_state[name]
-            if self.moment_projection == 'project' and 'exp_avg' in st:
-                rel = {}
-                for key, new in new_bases.items():
-                    old = st.get(key)
-                    rel[key] = new.T if old is None else new.T @ old
-                project_moments(st['exp_avg'], st['exp_avg_sq'], rel.get('U1'),
-                                rel.get('U2'))
+            first = 'U1' not in st and 'U2' not in st
+            if 'exp_avg' in st:
+                if first and self.reset_first_basis:
+                    _reset_moments(st)
+                else:
+                    rel = {}
+                    for key, new in new_bases.items():
+                        old = st.get(key)
+                        rel[key] = new.T if old is None else new.T @ old
+                    self._change_moments(st, rel.get('U1'), rel.get('U2'))
             st.update(new_bases)
+
+    def _drop_nonfinite_bases(self) -> None:
+        """Forget non-finite bases; restart that layer's moments."""
+        for name, st in self.layer_state.items():
+            bad = [key for _, key in _BASIS_OF
+                   if key in st and not bool(torch.isfinite(st[key]).all())]
+            if not bad:
+                continue
+            self.fallbacks.record(
+                'nonfinite_basis', f'the basis of {name} is not finite; it '
+                'is recomputed and the layer\'s Adam moments restart')
+            for key in bad:
+                del st[key]
+            if 'exp_avg' in st:
+                _reset_moments(st)
+
+    def _power_refresh(self) -> None:
+        """``U <- qr(F U)`` for every basis, batched over equal shapes.
+
+        No value is read back to the host: a step that is not finite keeps
+        the previous basis and is counted on the device.
+        """
+        groups: Dict[tuple, list] = {}
+        for name, st in self.layer_state.items():
+            for side, key in _BASIS_OF:
+                if side in st and key in st:
+                    f = st[side]
+                    groups.setdefault((f.shape, f.dtype, f.device),
+                                      []).append((name, side, key))
+        rel: Dict[str, Dict[str, Tensor]] = {}
+        for members in groups.values():
+            factors = torch.stack([self.layer_state[n][s] for n, s, _ in members])
+            old = torch.stack([self.layer_state[n][k]
+                               for n, _, k in members]).to(factors.dtype)
+            new, ok = power_step_basis(factors, old)
+            self._count_on_device('power_step_failure', (~ok).sum())
+            eye = torch.eye(new.shape[-1], dtype=new.dtype, device=new.device)
+            moved = torch.where(ok[:, None, None], new.mT @ old, eye)
+            for i, (name, _, key) in enumerate(members):
+                self.layer_state[name][key] = new[i]
+                rel.setdefault(name, {})[key] = moved[i]
+        for name, sides in rel.items():
+            st = self.layer_state[name]
+            if 'exp_avg' in st:
+                self._change_moments(st, sides.get('U1'), sides.get('U2'))
+
+    def _change_moments(self, st: Dict[str, Tensor], left: Optional[Tensor],
+                        right: Optional[Tensor]) -> None:
+        """Apply ``moment_projection`` for relative rotations ``P1``, ``P2``."""
+        policy = self.moment_projection
+        if policy == 'project':
+            project_moments(st['exp_avg'], st['exp_avg_sq'], left, right)
+        elif policy == 'rotate':
+            rotate_moments(st['exp_avg'], left, right)
+        elif policy == 'reset':
+            _reset_moments(st)
+        # 'keep': Algorithm 6 carries M and V over unchanged
+
+    # ---------------------------------------------------------- fallbacks
+    def _count_on_device(self, kind: str, n: Tensor) -> None:
+        count = self._device_counts.get(kind)
+        if count is None:
+            self._device_counts[kind] = n.to(torch.int64, copy=True)
+        else:
+            count.add_(n)
+
+    def sync_fallbacks(self) -> None:
+        """Add the fallbacks counted on the device to :attr:`fallbacks`.
+
+        Called at every eigh refresh and by :meth:`state_dict`; call it
+        yourself before reading ``fallbacks.counts`` at another time.  It
+        reads device values, so :meth:`step` never calls it on plain or
+        statistics steps.
+        """
+        for kind, count in self._device_counts.items():
+            n = int(count.item())
+            if n:
+                self.fallbacks.record(kind, _DEVICE_FALLBACKS[kind], n)
+        self._device_counts = {}
+
+    def state_dict(self) -> dict:
+        self.sync_fallbacks()
+        return super().state_dict()
 
     # -------------------------------------------------------------- rotation
     def precondition(self, name: str, module: nn.Module,
@@ -324,12 +495,19 @@ class AdamR(PrecondOptimizer):
         """The gradient in the layer's eigenbasis, ``U1^T G U2``.
 
         ``None`` while the layer has no basis yet (identity rotation).  The
-        Adam step on it happens in :meth:`base_step`.
+        Adam step on it happens in :meth:`base_step`.  Where the rotated
+        gradient is not finite it is returned as zeros, and the layer skips
+        this step (see the class notes); the test stays on the device.
         """
         st = self.layer_state.get(name)
         if not st or ('U1' not in st and 'U2' not in st):
             return None
-        return self._rotate(st, grad.to(_work_dtype(grad)), back=False)
+        g = self._rotate(st, grad.to(_work_dtype(grad)), back=False)
+        ok = torch.isfinite(g).all()
+        self._finite[name] = ok
+        self._count_on_device('nonfinite_rotated_gradient', ~ok)
+        return torch.where(ok, g, torch.zeros((), dtype=g.dtype,
+                                              device=g.device))
 
     @staticmethod
     def _rotate(st: Dict[str, Tensor], a: Tensor, back: bool) -> Tensor:
@@ -357,13 +535,23 @@ class AdamR(PrecondOptimizer):
             st['exp_avg'] = torch.zeros_like(g, dtype=_work_dtype(g))
             st['exp_avg_sq'] = torch.zeros_like(st['exp_avg'])
         st['step'] += 1
-        k = int(st['step'].item())
+        k = int(st['step'].item())  # a CPU tensor: no device sync
         m, v = st['exp_avg'], st['exp_avg_sq']
         g = g.to(m.dtype)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        ok = self._finite.pop(name, None)
+        if ok is None:
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2)
+        else:  # a skipped step (g = 0 there) leaves M and V as they were
+            m.lerp_(g, ok.to(m.dtype) * (1 - beta1))
+            v.mul_(torch.where(ok, beta2, 1.0).to(v.dtype))
+        v.addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / math.sqrt(1 - beta2**k)).add_(group['eps'])
-        return self._rotate(st, m / denom, back=True), 1 - beta1**k
+        step = self._rotate(st, m / denom, back=True)
+        if ok is not None:
+            step = torch.where(ok, step, torch.zeros((), dtype=step.dtype,
+                                                     device=step.device))
+        return step, 1 - beta1**k
 
     # ------------------------------------------------------------ base step
     def base_step(self, directions: Dict[Tensor, Tensor]) -> None:
@@ -393,6 +581,7 @@ class AdamR(PrecondOptimizer):
                 done.add(id(bias))
                 if bias.grad is not None:
                     _decoupled_step(bias, db, group_of[id(bias)], bc1)
+        self._finite.clear()
         rest = {p: d for p, d in directions.items() if id(p) not in done}
         for group in self.param_groups:
             adamw_update(group, self.state, rest)
@@ -405,6 +594,21 @@ class AdamR(PrecondOptimizer):
             for key in _CPU_KEYS:
                 if key in st:
                     st[key] = st[key].cpu()
+
+
+#: Messages of the fallbacks counted on the device (:meth:`AdamR.sync_fallbacks`).
+_DEVICE_FALLBACKS = dict(
+    nonfinite_rotated_gradient='a rotated gradient was not finite; that '
+    'layer skipped the step (moments unchanged, weight decay applied)',
+    power_step_failure='a power-step basis refresh was not finite; the '
+    'previous basis was kept')
+
+
+def _reset_moments(st: Dict[str, Tensor]) -> None:
+    """Zero a layer's Adam moments and its bias-correction counter."""
+    st['exp_avg'].zero_()
+    st['exp_avg_sq'].zero_()
+    st['step'].zero_()
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:
