@@ -196,6 +196,12 @@ class AdamR(PrecondOptimizer):
       at every change, the first included (the previous ``'keep'``); the
       previous default is ``moment_projection='project',
       reset_first_basis=False``.
+    * With fresh moments, an eigen-direction in which a factor is exactly
+      singular (e.g. the logit shift of a softmax-CE head: its ``L`` has
+      the all-ones null vector) holds only rounding noise, and Adam's first
+      steps after the reset scale that noise by ``1 / (|noise| + eps)``;
+      such steps move the weights along directions that do not change the
+      loss.  Raise ``eps`` if they matter (e.g. bit-level comparisons).
     * ``first_basis='stat_interval'`` forms the first basis right after the
       second statistics (``t = T_s``) instead of at ``t = T_u``.  It was
       measured and lost (below), so it is not the default.
