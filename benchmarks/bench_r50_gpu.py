@@ -89,6 +89,7 @@ def measure(name: str, model0: torch.nn.Module, images: List[torch.Tensor],
     scaler = torch.amp.GradScaler('cuda') if amp else None
     if scaler is not None and hasattr(opt, 'attach_grad_scaler'):
         opt.attach_grad_scaler(scaler)
+
     def step(counts: Optional[List[int]] = None) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
@@ -173,8 +174,6 @@ def measure(name: str, model0: torch.nn.Module, images: List[torch.Tensor],
     fallbacks = getattr(opt, 'fallbacks', None)
     if fallbacks is not None:
         row['fallbacks'] = {k: int(v) for k, v in dict(fallbacks.counts).items()}
-    del opt, model
-    torch.cuda.empty_cache()
     return row
 
 
@@ -220,9 +219,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                    f"{r.get('exact', float('nan')):.3f}")
         ratio = f"{r['iter'] / base:.3f}" if base else '-'
         stat = f"{r['stat']:.4f}" if 'stat' in r else '-'
+        syncs = f"{r.get('syncs_plain', '-')}/{r.get('syncs_stat', '-')}"
         print(f"{name:<9} {r['plain']:>8.4f} {stat:>8} {refresh:>14} "
-              f"{r['iter']:>10.4f} {ratio:>8} {r['state_MB']:>9.1f} "
-              f"{str(r.get('syncs_plain', '-')) + '/' + str(r.get('syncs_stat', '-')):>6}")
+              f"{r['iter']:>10.4f} {ratio:>8} {r['state_MB']:>9.1f} {syncs}")
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1)
