@@ -290,12 +290,19 @@ class AttentionFeatureDescent(FeatureDescent):
                 st[key] = ema_update(st.get(key), mean, self.stat_decay)
         self._reset_sums()
 
-    def update_preconditioners(self, step: int) -> None:
-        super().update_preconditioners(step)
+    def _refresh_slots(self, step: int) -> List[Tuple[Dict[str, Tensor], str]]:
+        """FSGD's slots plus the attention statistics that are due.
+
+        All of them are refreshed together, batched by size, by
+        :meth:`FeatureDescent.update_preconditioners`.
+        """
+        slots = super()._refresh_slots(step)
+        due = self.refresh_due(step)
         for name in self.attention:
-            st = self.layer_state.get(name)
-            if st:
-                self._refresh(st, ATTENTION_STATS, step)
+            st = self.layer_state.get(name, {})
+            slots.extend((st, key) for key in ATTENTION_STATS
+                         if key in st and (due or key + '_inv' not in st))
+        return slots
 
     # --------------------------------------------------------- preconditioner
     @staticmethod
