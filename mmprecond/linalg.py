@@ -63,6 +63,9 @@ FLAGS: Dict[int, Tuple[str, str]] = {
                   'convergence even with jitter on the CPU).'),
 }
 
+#: Bytes of one piece of a batch processed on the CPU (see :func:`_pieces`).
+CPU_PIECE_BYTES = 4 << 20
+
 _START_VECTORS: Dict[Tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
@@ -90,6 +93,21 @@ def _eye_like(a: Tensor) -> Tensor:
 def _all_finite(a: Tensor) -> Tensor:
     """Per-matrix finiteness of a ``(B, n, n)`` batch, shape ``(B,)``."""
     return torch.isfinite(a).flatten(1).all(1)
+
+
+def _pieces(m: Tensor) -> List[slice]:
+    """Slices of a ``(B, n, n)`` batch to process one after the other.
+
+    The whole batch on an accelerator, where a launch costs more than the
+    work of a small matrix.  On the CPU launches are cheap, and the
+    memory-bound passes (mat-vecs, damping, checks) run several times
+    faster on matrices that stay in cache than when they stream the whole
+    batch from memory: pieces of about :data:`CPU_PIECE_BYTES`.
+    """
+    if m.device.type != 'cpu':
+        return [slice(None)]
+    per = max(1, CPU_PIECE_BYTES // max(1, m[0].numel() * m.element_size()))
+    return [slice(lo, lo + per) for lo in range(0, m.shape[0], per)]
 
 
 def record_flags(log: Optional[FallbackLog], flags: Tensor) -> List[int]:
@@ -157,6 +175,12 @@ def lanczos_lmax(a: Tensor, steps: int = 10) -> Tensor:
         99.9...
     """
     m = _as_batch(a)
+    lmax = torch.cat([_lanczos(m[piece], steps) for piece in _pieces(m)])
+    return lmax.to(a.dtype).reshape(a.shape[:-2])
+
+
+def _lanczos(m: Tensor, steps: int) -> Tensor:
+    """:func:`lanczos_lmax` of one ``(B, n, n)`` piece (fp64 estimates)."""
     batch, n = m.shape[0], m.shape[-1]
     k = max(1, min(int(steps), n))
     q = _start_vector(n, m.dtype, m.device).expand(batch, n, 1)
@@ -187,8 +211,7 @@ def lanczos_lmax(a: Tensor, steps: int = 10) -> Tensor:
     finite = _all_finite(t)
     t = torch.where(finite[:, None, None], t, 0)
     lmax = torch.linalg.eigvalsh(t)[:, -1].clamp_min(0)
-    lmax = torch.where(finite, lmax, float('nan'))
-    return lmax.to(a.dtype).reshape(a.shape[:-2])
+    return torch.where(finite, lmax, float('nan'))
 
 
 def power_iteration_lmax(a: Tensor, num_iters: int = 20) -> Tensor:
@@ -342,17 +365,22 @@ def newton_inverse(a: Tensor, b: Tensor, steps: int = 1) -> Tuple[Tensor, Tensor
         tuple[Tensor, Tensor]: The new iterates and the Frobenius residuals
         ``||I - B A||_F`` of the warm starts (shape ``a.shape[:-2]``).
     """
+    shape = a.shape
+    a, b = _as_batch(a), _as_batch(b)
     eye = _eye_like(a)
     first_residual = a.new_full(a.shape[:-2], float('nan'))
     for k in range(steps):
         t = b @ a
-        residual = torch.linalg.matrix_norm(eye - t)
+        e = eye - t
+        residual = torch.linalg.matrix_norm(e)
         if k == 0:
             first_residual = residual
         s = torch.where(residual < 1, 1.0,
                         1.0 / torch.linalg.matrix_norm(t))[..., None, None]
-        b = (1 + s) * b - s * (t @ b)
-    return b, first_residual
+        # (1 + s) B - s T B  ==  B + (I - T)(s B): one fused multiply-add,
+        # and no cancellation between 2B and TB near convergence
+        b = torch.baddbmm(b, e, s * b)
+    return b.reshape(shape), first_residual.reshape(shape[:-2])
 
 
 def estimate_residual(a: Tensor, b: Tensor, probes: int = 4,
@@ -405,7 +433,8 @@ def guarded_newton_inverse(a: Tensor, prev: Tensor, steps: int, probes: Tensor,
     new, _ = newton_inverse(a, prev, steps)
     before = estimate_residual(a, prev, vectors=probes)
     after = estimate_residual(a, new, vectors=probes)
-    good = _all_finite(new) & ((after <= before) | (after <= tol))
+    # a non-finite result makes its residual estimate non-finite
+    good = torch.isfinite(after) & ((after <= before) | (after <= tol))
     flags = torch.zeros(a.shape[0], dtype=torch.int32, device=a.device)
     if bool(good.all()):
         return new, flags
@@ -432,7 +461,7 @@ def refresh_inverse(stats: Tensor,
     (:func:`exact_inverse_batch`) without a warm start, or
     :func:`guarded_newton_inverse` from ``prev``.  Every step is one batched
     call, so refreshing all factors of one size costs one launch of each
-    kernel.
+    kernel (on the CPU: once per cache-sized piece, see :func:`_pieces`).
 
     Args:
         stats (Tensor): Symmetric PSD factors ``(B, n, n)``.
@@ -449,12 +478,18 @@ def refresh_inverse(stats: Tensor,
     Returns:
         tuple[Tensor, Tensor]: Inverses and ``(B,)`` int32 status bits.
     """
-    a = damp(stats, damping, floor, lanczos_lmax(stats) if lmax is None else lmax)
-    if prev is None:
-        return exact_inverse_batch(a)
-    if probes is None:
+    if prev is not None and probes is None:
         raise ValueError('a warm-started refresh needs the guard\'s probes')
-    return guarded_newton_inverse(a, prev, newton_steps, probes, tol)
+    parts = []
+    for piece in _pieces(stats):
+        s = stats[piece]
+        a = damp(s, damping, floor, lanczos_lmax(s) if lmax is None else lmax[piece])
+        parts.append(exact_inverse_batch(a) if prev is None else
+                     guarded_newton_inverse(a, prev[piece], newton_steps,
+                                            probes[piece], tol))
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 # -------------------------------------------------------------------- eigh
@@ -489,6 +524,14 @@ def eigh_batch(a: Tensor, dtype: torch.dtype = torch.float64
         and eigenvectors ``(B, n, n)`` in ``a.dtype``, and ``(B,)`` int32
         status bits.
     """
+    parts = [_eigh_piece(a[piece], dtype) for piece in _pieces(a)]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+
+
+def _eigh_piece(a: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`eigh_batch` of one piece of the batch."""
     m = a.to(dtype)
     m = 0.5 * (m + m.transpose(-2, -1))
     finite = _all_finite(m)
@@ -503,15 +546,15 @@ def eigh_batch(a: Tensor, dtype: torch.dtype = torch.float64
                 vals[i], vecs[i] = torch.linalg.eigh(m[i])
             except RuntimeError:
                 pass
-    ok = _all_finite(vecs) & torch.isfinite(vals).all(1)
+    ok = finite & _all_finite(vecs) & torch.isfinite(vals).all(1)
     flags = torch.where(finite, 0, EIGH_FAILED).to(torch.int32)
-    if not bool((ok | ~finite).all()):
+    if not bool(ok.all()):
         for i in (~ok & finite).nonzero().squeeze(1).tolist():
             vals[i], vecs[i], fixed = _eigh_retry(m[i])
             flags[i] = EIGH_RETRY if fixed else EIGH_RETRY | EIGH_FAILED
-    failed = (flags & EIGH_FAILED) != 0
-    vals = torch.where(failed[:, None], float('nan'), vals)
-    vecs = torch.where(failed[:, None, None], float('nan'), vecs)
+        failed = (flags & EIGH_FAILED) != 0
+        vals[failed] = float('nan')
+        vecs[failed] = float('nan')
     return vals.to(a.dtype), vecs.to(a.dtype), flags
 
 

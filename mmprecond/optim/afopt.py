@@ -296,13 +296,10 @@ class AttentionFeatureDescent(FeatureDescent):
         All of them are refreshed together, batched by size, by
         :meth:`FeatureDescent.update_preconditioners`.
         """
-        slots = super()._refresh_slots(step)
         due = self.refresh_due(step)
-        for name in self.attention:
-            st = self.layer_state.get(name, {})
-            slots.extend((st, key) for key in ATTENTION_STATS
-                         if key in st and (due or key + '_inv' not in st))
-        return slots
+        return super()._refresh_slots(step) + [
+            slot for name in self.attention for slot in self._due_slots(
+                self.layer_state.get(name, {}), ATTENTION_STATS, due)]
 
     # --------------------------------------------------------- preconditioner
     @staticmethod

@@ -148,15 +148,18 @@ class FeatureDescent(PrecondOptimizer):
         """Whether inverses are recomputed at (0-based) ``step``."""
         return step % self.inv_interval == 0
 
+    @staticmethod
+    def _due_slots(st: Dict[str, Tensor], keys: Tuple[str, ...],
+                   due: bool) -> List[Tuple[Dict[str, Tensor], str]]:
+        """``(st, key)`` of the statistics in ``st`` that need an inverse now."""
+        return [(st, k) for k in keys if k in st and (due or k + '_inv' not in st)]
+
     def _refresh_slots(self, step: int) -> List[Tuple[Dict[str, Tensor], str]]:
         """``(state, key)`` of every statistic whose inverse is due."""
         due = self.refresh_due(step)
-        slots = []
-        for name in self.layers:
-            st = self.layer_state.get(name)
-            if st and 'R' in st and (due or 'R_inv' not in st):
-                slots.append((st, 'R'))
-        return slots
+        return [slot for name in self.layers
+                for slot in self._due_slots(self.layer_state.get(name, {}),
+                                            ('R', ), due)]
 
     def update_preconditioners(self, step: int) -> None:
         """Recompute the due inverses, one batched call per statistic size.
@@ -170,8 +173,12 @@ class FeatureDescent(PrecondOptimizer):
         for (n, _, device), idx in group_by_key(keys).items():
             heads = [stats[i].numel() // (n * n) for i in idx]
             blocks = torch.cat([stats[i].reshape(-1, n, n) for i in idx])
-            owner = torch.tensor([j for j, h in enumerate(heads) for _ in range(h)],
-                                 device=device)
+            if len(set(heads)) == 1:  # no host-to-device copy
+                owner = torch.arange(len(idx), device=device).repeat_interleave(
+                    heads[0])
+            else:
+                owner = torch.tensor(
+                    [j for j, h in enumerate(heads) for _ in range(h)], device=device)
             inv, flags = damped_inverse_batch(blocks, owner, len(idx),
                                               self.damping, self.damping_floor)
             codes = record_flags(self.fallbacks, flags)
