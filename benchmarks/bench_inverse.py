@@ -13,8 +13,9 @@ optimizers do, with three methods:
 * ``eigh``: the fp64 eigendecomposition of AdamR's basis refresh;
 
 each run ``batched`` (factors of one size stacked, one call of each kernel
-per size: what the optimizers do) and ``per-factor`` (the same routines
-called once per factor: what they did before).  Printed: seconds per whole
+per size: what the optimizers do; on the CPU at most ~4 MB of factors per
+call, see ``mmprecond.linalg.batch_limit``) and ``per-factor`` (the same
+routines called once per factor: what they did before).  Printed: seconds per whole
 refresh (best of ``--repeat`` interleaved runs), the per-factor / batched
 ratio, each method against Newton, and the Newton result's error per size.
 
@@ -38,7 +39,13 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from mmprecond.linalg import damp, eigh_batch, exact_inverse_batch, refresh_inverse
+from mmprecond.linalg import (
+    batch_limit,
+    damp,
+    eigh_batch,
+    exact_inverse_batch,
+    refresh_inverse,
+)
 
 #: ``{factor size: count}`` of the 57 trainable Linear / Conv2d layers of
 #: mmdet 3.3.0's ``faster-rcnn_r50_fpn_1x_coco`` (``frozen_stages=1``: the
@@ -100,17 +107,26 @@ METHODS: Dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = dict(
 
 
 def whole_refresh(method: Callable, factors: Factors, batched: bool) -> None:
-    for s, prev, probes in factors.values():
-        if batched:  # as the optimizers do: stack the size's factors
-            method(torch.stack(s), torch.stack(prev), probes)
-        else:
+    for d, (s, prev, probes) in factors.items():
+        if not batched:
             for i in range(len(s)):
                 method(s[i][None], prev[i][None], probes[i:i + 1])
+            continue
+        # as the optimizers do: stack the size's factors, at most
+        # batch_limit at once (all on an accelerator, ~4 MB on the CPU)
+        step = batch_limit(d, s[0].dtype, s[0].device)
+        for lo in range(0, len(s), step):
+            hi = lo + step
+            method(torch.stack(s[lo:hi]), torch.stack(prev[lo:hi]), probes[lo:hi])
 
 
 def timed(fns: List[Callable[[], None]], device: str, repeat: int) -> List[float]:
-    """Best-of-``repeat`` seconds of each ``fn``, runs interleaved (so a
-    busy machine slows them alike) after one warm-up each."""
+    """Best-of-``repeat`` seconds of each ``fn`` after one warm-up each.
+
+    The runs are interleaved, in alternating order (A B, B A, ...): on a
+    shared CPU machine the one that runs second after the other was
+    measured up to 1.5x slower, whichever it was.
+    """
     def once(fn: Callable[[], None]) -> float:
         if device.startswith('cuda'):
             torch.cuda.synchronize()
@@ -123,8 +139,10 @@ def timed(fns: List[Callable[[], None]], device: str, repeat: int) -> List[float
     for fn in fns:
         once(fn)
     best = [float('inf')] * len(fns)
-    for _ in range(repeat):
-        best = [min(b, once(fn)) for b, fn in zip(best, fns)]
+    for r in range(repeat):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            best[i] = min(best[i], once(fns[i]))
     return best
 
 
@@ -146,7 +164,7 @@ def main() -> None:
     parser.add_argument('--max-dim', type=int, default=None,
                         help='skip larger factors (default: 1100 on CPU, '
                         'all on CUDA)')
-    parser.add_argument('--repeat', type=int, default=3,
+    parser.add_argument('--repeat', type=int, default=4,
                         help='timed runs of each variant (the best is kept)')
     parser.add_argument('--methods', nargs='+', default=list(METHODS),
                         choices=list(METHODS))

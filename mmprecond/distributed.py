@@ -194,8 +194,10 @@ def group_by_key(keys: Sequence[Hashable]) -> Dict[Hashable, List[int]]:
 def run_batched(keys: Sequence[Hashable],
                 work: Callable[[Chunk], List[Tensor]],
                 cost: Callable[[Hashable], float],
-                outputs: Callable[[Hashable, int], Sequence[Spec]],
-                shard: bool = True) -> List[Tuple[Chunk, List[Tensor]]]:
+                outputs: Optional[Callable[[Hashable, int], Sequence[Spec]]] = None,
+                shard: bool = True,
+                max_items: Optional[Callable[[Hashable], int]] = None
+                ) -> List[Tuple[Chunk, List[Tensor]]]:
     """Batch items with equal keys, run each batch once, shard over ranks.
 
     Items whose ``keys`` are equal (e.g. Kronecker factors of one size,
@@ -206,6 +208,8 @@ def run_batched(keys: Sequence[Hashable],
     chunks are spread over the ranks by :func:`run_sharded` (balanced by
     ``cost(key)`` per item) and their results broadcast, so every rank ends
     with bit-identical results; otherwise there is one chunk per batch.
+    ``max_items`` caps a chunk's size further (e.g. cache-sized batches on
+    the CPU, :func:`mmprecond.linalg.batch_limit`).
 
     Args:
         keys (Sequence[Hashable]): Batching key of each item; identical
@@ -213,21 +217,28 @@ def run_batched(keys: Sequence[Hashable],
         work (Callable): ``work(chunk)`` returns the chunk's result tensors,
             each with ``len(chunk.items)`` as its leading dimension.
         cost (Callable): Cost of one item of a key (e.g. ``n ** 3``).
-        outputs (Callable): ``outputs(key, count)``: the
+        outputs (Callable, optional): ``outputs(key, count)``: the
             ``(shape, dtype, device)`` of each result of a chunk of
-            ``count`` items (only used to receive a broadcast).
+            ``count`` items, needed to receive a broadcast (with ``shard``
+            under torch.distributed).
         shard (bool): ``False``: every rank runs every batch.
+        max_items (Callable, optional): Most items of a key in one chunk.
 
     Returns:
         list[tuple[Chunk, list[Tensor]]]: Each chunk and its results.
     """
     world = world_size() if shard else 1
+    if world > 1 and outputs is None:
+        raise ValueError('sharded run_batched needs the outputs spec')
     chunks: List[Chunk] = []
     for key, items in group_by_key(keys).items():
         parts = min(world, len(items))
+        if max_items is not None:
+            parts = max(parts, -(-len(items) // max(1, max_items(key))))
         bounds = [round(len(items) * r / parts) for r in range(parts + 1)]
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             chunks.append(Chunk(key, items[lo:hi], lo, len(items)))
-    tasks = [(cost(c.key) * len(c.items), outputs(c.key, len(c.items)),
+    tasks = [(cost(c.key) * len(c.items),
+              outputs(c.key, len(c.items)) if world > 1 else (),
               (lambda c=c: work(c))) for c in chunks]
     return list(zip(chunks, run_sharded(tasks, shard=shard)))

@@ -5,7 +5,8 @@ Every routine takes a square symmetric matrix ``(n, n)`` or a batch
 ``(..., n, n)`` of equal-sized ones and knows nothing about layers, hooks or
 optimizers.  A preconditioner refresh stacks the factors of one size and
 calls each routine once per size, so it launches ``O(distinct sizes)``
-kernels rather than ``O(factors)``.
+kernels rather than ``O(factors)`` on an accelerator (on the CPU, batches
+are kept cache-sized, see :func:`batch_limit`).
 
 Factors are kept in fp32.  The routines that can fail numerically retry
 *per matrix* (fp64, then extra damping for inverses; diagonal jitter on the
@@ -63,8 +64,8 @@ FLAGS: Dict[int, Tuple[str, str]] = {
                   'convergence even with jitter on the CPU).'),
 }
 
-#: Bytes of one piece of a batch processed on the CPU (see :func:`_pieces`).
-CPU_PIECE_BYTES = 4 << 20
+#: Bytes of the factors batched together on the CPU (see :func:`batch_limit`).
+CPU_BATCH_BYTES = 4 << 20
 
 _START_VECTORS: Dict[Tuple[int, torch.dtype, torch.device], Tensor] = {}
 
@@ -95,19 +96,24 @@ def _all_finite(a: Tensor) -> Tensor:
     return torch.isfinite(a).flatten(1).all(1)
 
 
-def _pieces(m: Tensor) -> List[slice]:
-    """Slices of a ``(B, n, n)`` batch to process one after the other.
+def batch_limit(n: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many ``n x n`` matrices to stack into one batch.
 
-    The whole batch on an accelerator, where a launch costs more than the
-    work of a small matrix.  On the CPU launches are cheap, and the
-    memory-bound passes (mat-vecs, damping, checks) run several times
-    faster on matrices that stay in cache than when they stream the whole
-    batch from memory: pieces of about :data:`CPU_PIECE_BYTES`.
+    Unlimited on an accelerator, where a launch costs more than the work of
+    a small matrix.  On the CPU launches are cheap, while the memory-bound
+    passes of a refresh (mat-vecs, damping, checks, the stacking itself)
+    run several times faster on matrices that stay in cache, and fresh
+    allocations of tens of MB cost page faults: batches of about
+    :data:`CPU_BATCH_BYTES` there (at least one matrix).
+
+    Example:
+        >>> batch_limit(256, torch.float32, torch.device('cpu'))
+        16
     """
-    if m.device.type != 'cpu':
-        return [slice(None)]
-    per = max(1, CPU_PIECE_BYTES // max(1, m[0].numel() * m.element_size()))
-    return [slice(lo, lo + per) for lo in range(0, m.shape[0], per)]
+    if torch.device(device).type != 'cpu':
+        return 1 << 62
+    item = n * n * torch.finfo(dtype).bits // 8
+    return max(1, CPU_BATCH_BYTES // max(1, item))
 
 
 def record_flags(log: Optional[FallbackLog], flags: Tensor) -> List[int]:
@@ -175,12 +181,6 @@ def lanczos_lmax(a: Tensor, steps: int = 10) -> Tensor:
         99.9...
     """
     m = _as_batch(a)
-    lmax = torch.cat([_lanczos(m[piece], steps) for piece in _pieces(m)])
-    return lmax.to(a.dtype).reshape(a.shape[:-2])
-
-
-def _lanczos(m: Tensor, steps: int) -> Tensor:
-    """:func:`lanczos_lmax` of one ``(B, n, n)`` piece (fp64 estimates)."""
     batch, n = m.shape[0], m.shape[-1]
     k = max(1, min(int(steps), n))
     q = _start_vector(n, m.dtype, m.device).expand(batch, n, 1)
@@ -211,7 +211,8 @@ def _lanczos(m: Tensor, steps: int) -> Tensor:
     finite = _all_finite(t)
     t = torch.where(finite[:, None, None], t, 0)
     lmax = torch.linalg.eigvalsh(t)[:, -1].clamp_min(0)
-    return torch.where(finite, lmax, float('nan'))
+    lmax = torch.where(finite, lmax, float('nan'))
+    return lmax.to(a.dtype).reshape(a.shape[:-2])
 
 
 def power_iteration_lmax(a: Tensor, num_iters: int = 20) -> Tensor:
@@ -461,7 +462,7 @@ def refresh_inverse(stats: Tensor,
     (:func:`exact_inverse_batch`) without a warm start, or
     :func:`guarded_newton_inverse` from ``prev``.  Every step is one batched
     call, so refreshing all factors of one size costs one launch of each
-    kernel (on the CPU: once per cache-sized piece, see :func:`_pieces`).
+    kernel (callers batch at most :func:`batch_limit` factors).
 
     Args:
         stats (Tensor): Symmetric PSD factors ``(B, n, n)``.
@@ -480,16 +481,10 @@ def refresh_inverse(stats: Tensor,
     """
     if prev is not None and probes is None:
         raise ValueError('a warm-started refresh needs the guard\'s probes')
-    parts = []
-    for piece in _pieces(stats):
-        s = stats[piece]
-        a = damp(s, damping, floor, lanczos_lmax(s) if lmax is None else lmax[piece])
-        parts.append(exact_inverse_batch(a) if prev is None else
-                     guarded_newton_inverse(a, prev[piece], newton_steps,
-                                            probes[piece], tol))
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    a = damp(stats, damping, floor, lanczos_lmax(stats) if lmax is None else lmax)
+    if prev is None:
+        return exact_inverse_batch(a)
+    return guarded_newton_inverse(a, prev, newton_steps, probes, tol)
 
 
 # -------------------------------------------------------------------- eigh
@@ -524,14 +519,6 @@ def eigh_batch(a: Tensor, dtype: torch.dtype = torch.float64
         and eigenvectors ``(B, n, n)`` in ``a.dtype``, and ``(B,)`` int32
         status bits.
     """
-    parts = [_eigh_piece(a[piece], dtype) for piece in _pieces(a)]
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
-
-
-def _eigh_piece(a: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    """:func:`eigh_batch` of one piece of the batch."""
     m = a.to(dtype)
     m = 0.5 * (m + m.transpose(-2, -1))
     finite = _all_finite(m)

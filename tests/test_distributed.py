@@ -208,9 +208,15 @@ def test_group_by_key_keeps_first_appearance_order():
     assert group_by_key(BATCH_KEYS) == {17: [0, 2, 3, 6, 7], 4: [1, 5], 9: [4]}
     # one process: one chunk per batch
     out = run_batched(BATCH_KEYS, lambda c: [torch.tensor(c.items)],
-                      lambda n: 1.0, lambda n, k: [((k, ), torch.long, 'cpu')])
+                      lambda n: 1.0)
     assert [(c.key, r.tolist()) for c, (r, ) in out] == [
         (17, [0, 2, 3, 6, 7]), (4, [1, 5]), (9, [4])]
+    # max_items caps the chunks (cache-sized CPU batches)
+    out = run_batched(BATCH_KEYS, lambda c: [torch.tensor(c.items)],
+                      lambda n: 1.0, max_items=lambda n: 2)
+    assert [(c.key, c.items, c.offset) for c, _ in out] == [
+        (17, [0, 2], 0), (17, [3], 2), (17, [6, 7], 3), (4, [1, 5], 0),
+        (9, [4], 0)]
 
 
 def test_assign_by_cost_balances_and_is_deterministic():

@@ -8,6 +8,7 @@ from mmprecond.linalg import (
     FP64_RETRY,
     INVERSE_FAILED,
     NEWTON_FALLBACK,
+    batch_limit,
     damp,
     eigh_batch,
     estimate_residual,
@@ -326,3 +327,11 @@ def test_eigh_batch_fails_only_the_nonfinite_matrix():
     log = FallbackLog('test')
     safe_eigh(bad, log)
     assert dict(log.counts) == {'eigh_failure': 1}
+
+
+def test_batch_limit_caps_cpu_batches_only():
+    cpu = torch.device('cpu')
+    assert batch_limit(256, torch.float32, cpu) == 16  # 4 MiB of factors
+    assert batch_limit(4608, torch.float32, cpu) == 1
+    assert batch_limit(256, torch.float64, cpu) == 8
+    assert batch_limit(256, torch.float32, torch.device('meta')) > 10**9

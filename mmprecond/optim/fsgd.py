@@ -16,8 +16,14 @@ from torch import Tensor
 
 from ..curvature.capture import factor_dims
 from ..curvature.factors import BatchStatistics, ema_update
-from ..distributed import group_by_key
-from ..linalg import INVERSE_FAILED, lanczos_lmax, record_flags, refresh_inverse
+from ..distributed import Chunk, run_batched
+from ..linalg import (
+    INVERSE_FAILED,
+    batch_limit,
+    lanczos_lmax,
+    record_flags,
+    refresh_inverse,
+)
 from ..logging import FallbackLog
 from .base import PrecondOptimizer, check_positive, check_unit_interval
 
@@ -162,32 +168,37 @@ class FeatureDescent(PrecondOptimizer):
                                             ('R', ), due)]
 
     def update_preconditioners(self, step: int) -> None:
-        """Recompute the due inverses, one batched call per statistic size.
+        """Recompute the due inverses, one batched call per statistic shape.
 
         A statistic whose inverse failed entirely (non-finite) keeps its
         previous inverse; every retry and failure is counted per matrix.
         """
         slots = self._refresh_slots(step)
         stats = [st[key] for st, key in slots]
-        keys = [(s.shape[-1], s.dtype, s.device) for s in stats]
-        for (n, _, device), idx in group_by_key(keys).items():
-            heads = [stats[i].numel() // (n * n) for i in idx]
-            blocks = torch.cat([stats[i].reshape(-1, n, n) for i in idx])
-            if len(set(heads)) == 1:  # no host-to-device copy
-                owner = torch.arange(len(idx), device=device).repeat_interleave(
-                    heads[0])
-            else:
-                owner = torch.tensor(
-                    [j for j, h in enumerate(heads) for _ in range(h)], device=device)
-            inv, flags = damped_inverse_batch(blocks, owner, len(idx),
-                                              self.damping, self.damping_floor)
+        # (block size, blocks per statistic, dtype, device)
+        keys = [(s.shape[-1], s.numel() // s.shape[-1]**2, s.dtype, s.device)
+                for s in stats]
+
+        def work(chunk: Chunk) -> List[Tensor]:
+            n, heads, _, device = chunk.key
+            blocks = torch.cat([stats[i].reshape(-1, n, n) for i in chunk.items])
+            owner = torch.arange(len(chunk.items), device=device)
+            inv, flags = damped_inverse_batch(blocks, owner.repeat_interleave(heads),
+                                              len(chunk.items), self.damping,
+                                              self.damping_floor)
+            return [inv.view(len(chunk.items), heads, n, n),
+                    flags.view(len(chunk.items), heads)]
+
+        results = run_batched(
+            keys, work, lambda key: float(key[0])**3 * key[1], shard=False,
+            max_items=lambda key: max(1, batch_limit(key[0], *key[2:]) // key[1]))
+        for chunk, (inv, flags) in results:
             codes = record_flags(self.fallbacks, flags)
-            start = 0
-            for i, h in zip(idx, heads):
-                if not any(c & INVERSE_FAILED for c in codes[start:start + h]):
+            h = chunk.key[1]
+            for j, i in enumerate(chunk.items):
+                if not any(c & INVERSE_FAILED for c in codes[j * h:(j + 1) * h]):
                     st, key = slots[i]
-                    st[key + '_inv'] = inv[start:start + h].reshape(stats[i].shape)
-                start += h
+                    st[key + '_inv'] = inv[j].reshape(stats[i].shape)
 
     # --------------------------------------------------------- preconditioner
     def recover(self, pg: Tensor, g: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..curvature.capture import factor_dims
 from ..curvature.factors import BatchStatistics, ema_update, frobenius_normalize
 from ..distributed import Chunk, run_batched
-from ..linalg import INVERSE_FAILED, record_flags, refresh_inverse
+from ..linalg import INVERSE_FAILED, batch_limit, record_flags, refresh_inverse
 from .base import PrecondOptimizer, check_positive, check_unit_interval
 
 #: Default ``max_factor_dim``, chosen from ``benchmarks/factor_budget.py`` on
@@ -202,7 +202,8 @@ class _KroneckerInverse(PrecondOptimizer):
 
         results = run_batched(keys, self._refresh_task(step, stats, prevs),
                               lambda key: float(key[0])**3, outputs,
-                              shard=self.shard_inverses)
+                              shard=self.shard_inverses,
+                              max_items=lambda key: batch_limit(*key[:3]))
         for chunk, (inv, flags) in results:
             codes = record_flags(self.fallbacks, flags)
             for j, i in enumerate(chunk.items):

@@ -3,7 +3,9 @@
 
 Counted with a ``TorchDispatchMode``: the aten ops a refresh dispatches do
 not depend on the number of layers, only on the number of distinct factor
-sizes; a factor that cannot be inverted fails alone and is counted.
+sizes (the factors here are small enough for one CPU batch, see
+``mmprecond.linalg.batch_limit``); a factor that cannot be inverted fails
+alone and is counted.
 """
 from collections import Counter
 
