@@ -509,7 +509,8 @@ def eigh_batch(a: Tensor, dtype: torch.dtype = torch.float64
     recommend) of the symmetrised matrices; a matrix with non-finite
     entries is left out of it and fails (:data:`EIGH_FAILED`).  If the
     batched call raises (LAPACK did not converge for some matrix) the
-    matrices are decomposed one at a time to find the culprits.  Only a
+    matrices of a batch of several are decomposed one at a time to find
+    the culprits (a batch of one was that matrix's own attempt).  Only a
     matrix whose own ``eigh`` failed or returned non-finite values is
     retried, with a tiny diagonal jitter on the CPU (:data:`EIGH_RETRY`);
     if that fails too it comes back as NaN (:data:`EIGH_FAILED`).
@@ -528,7 +529,7 @@ def eigh_batch(a: Tensor, dtype: torch.dtype = torch.float64
     except RuntimeError:  # one bad matrix fails the whole batched call
         vals = m.new_full(m.shape[:-1], float('nan'))
         vecs = torch.full_like(m, float('nan'))
-        for i in range(m.shape[0]):
+        for i in range(m.shape[0] if m.shape[0] > 1 else 0):  # find it
             try:
                 vals[i], vecs[i] = torch.linalg.eigh(m[i])
             except RuntimeError:

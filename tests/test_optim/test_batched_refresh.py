@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmprecond.optim import FSGD, NKFAC, AdaNKFAC
+from mmprecond.optim import FSGD, NKFAC, AdamR, AdaNKFAC
 
 
 class OpCounter(TorchDispatchMode):
@@ -45,8 +45,9 @@ def deep_net(layers, seed=0):
 
 def trained(cls, layers, steps, **kw):
     model = deep_net(layers)
-    opt = cls(model.parameters(), model=model, lr=0.01, stat_interval=1,
-              inv_interval=1, **kw)
+    if cls is not AdamR:
+        kw = dict(inv_interval=1, **kw)
+    opt = cls(model.parameters(), model=model, lr=0.01, stat_interval=1, **kw)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 16, generator=g), torch.randint(0, 4, (64, ), generator=g)
     for _ in range(steps):
@@ -80,6 +81,19 @@ def test_refresh_kernels_do_not_grow_with_the_number_of_layers(cls, kw):
         # host reads: one 'all ok?' per size (plus one flags read per size)
         assert ops_many['_local_scalar_dense'] == sizes
     assert few.fallbacks.counts.get('newton_fallback', 0) == 0
+
+
+def test_adamr_basis_refresh_is_one_batched_eigh_per_size():
+    def eigh_calls(layers):
+        opt = trained(AdamR, layers, 5, basis_interval=4)  # 1st basis at t=4
+        assert opt.fallbacks.counts.get('eigh_failure', 0) == 0
+        u = opt.layer_state['0']['U2']
+        torch.testing.assert_close(u.T @ u, torch.eye(17), rtol=0, atol=1e-5)
+        ops = refresh_ops(opt, 8)
+        return ops['_linalg_eigh'], ops['linalg_eigh']
+
+    # one fp64 eigh per factor size (4, 16, 17), however many layers
+    assert eigh_calls(3) == eigh_calls(12) == (3, 0)
 
 
 def test_one_nonfinite_factor_fails_alone_and_is_counted():
