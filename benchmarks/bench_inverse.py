@@ -114,7 +114,8 @@ def whole_refresh(method: Callable, factors: Factors, batched: bool) -> None:
             continue
         # as the optimizers do: stack the size's factors, at most
         # batch_limit at once (all on an accelerator, ~4 MB on the CPU)
-        step = batch_limit(d, s[0].dtype, s[0].device)
+        dtype = torch.float64 if method is eigh else s[0].dtype
+        step = batch_limit(d, dtype, s[0].device)
         for lo in range(0, len(s), step):
             hi = lo + step
             method(torch.stack(s[lo:hi]), torch.stack(prev[lo:hi]), probes[lo:hi])

@@ -102,9 +102,11 @@ def batch_limit(n: int, dtype: torch.dtype, device: torch.device) -> int:
     Unlimited on an accelerator, where a launch costs more than the work of
     a small matrix.  On the CPU launches are cheap, while the memory-bound
     passes of a refresh (mat-vecs, damping, checks, the stacking itself)
-    run several times faster on matrices that stay in cache, and fresh
-    allocations of tens of MB cost page faults: batches of about
-    :data:`CPU_BATCH_BYTES` there (at least one matrix).
+    run faster on matrices that stay in cache, and fresh allocations of
+    tens of MB cost page faults: batches of about :data:`CPU_BATCH_BYTES`
+    there (at least one matrix).  On the R50-FPN factors up to 1025 wide
+    (``benchmarks/bench_inverse.py``, 1 thread) whole-size batches ran
+    slower than one call per factor; capped ones run at par or faster.
 
     Example:
         >>> batch_limit(256, torch.float32, torch.device('cpu'))
