@@ -13,7 +13,7 @@ optimizers do, with three methods:
 * ``eigh``: the fp64 eigendecomposition of AdamR's basis refresh;
 
 each run ``batched`` (factors of one size stacked, one call of each kernel
-per size: what the optimizers do; on the CPU at most ~4 MB of factors per
+per size: what the optimizers do; on the CPU at most ~1 MB of factors per
 call, see ``mmprecond.linalg.batch_limit``) and ``per-factor`` (the same
 routines called once per factor: what they did before).  Printed: seconds per whole
 refresh (best of ``--repeat`` interleaved runs), the per-factor / batched
@@ -113,7 +113,7 @@ def whole_refresh(method: Callable, factors: Factors, batched: bool) -> None:
                 method(s[i][None], prev[i][None], probes[i:i + 1])
             continue
         # as the optimizers do: stack the size's factors, at most
-        # batch_limit at once (all on an accelerator, ~4 MB on the CPU)
+        # batch_limit at once (all on an accelerator, ~1 MB on the CPU)
         dtype = torch.float64 if method is eigh else s[0].dtype
         step = batch_limit(d, dtype, s[0].device)
         for lo in range(0, len(s), step):

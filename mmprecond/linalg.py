@@ -65,7 +65,7 @@ FLAGS: Dict[int, Tuple[str, str]] = {
 }
 
 #: Bytes of the factors batched together on the CPU (see :func:`batch_limit`).
-CPU_BATCH_BYTES = 4 << 20
+CPU_BATCH_BYTES = 1 << 20
 
 _START_VECTORS: Dict[Tuple[int, torch.dtype, torch.device], Tensor] = {}
 
@@ -104,13 +104,14 @@ def batch_limit(n: int, dtype: torch.dtype, device: torch.device) -> int:
     passes of a refresh (mat-vecs, damping, checks, the stacking itself)
     run faster on matrices that stay in cache, and fresh allocations of
     tens of MB cost page faults: batches of about :data:`CPU_BATCH_BYTES`
-    there (at least one matrix).  On the R50-FPN factors up to 1025 wide
+    there (at least one matrix; 1 MiB, half a core's L2 on the machine it
+    was tuned on, beat 4 and 16 MiB).  On the R50-FPN factors up to 1025 wide
     (``benchmarks/bench_inverse.py``, 1 thread) whole-size batches ran
     slower than one call per factor; capped ones run at par or faster.
 
     Example:
         >>> batch_limit(256, torch.float32, torch.device('cpu'))
-        16
+        4
     """
     if torch.device(device).type != 'cpu':
         return 1 << 62

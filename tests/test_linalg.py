@@ -331,7 +331,7 @@ def test_eigh_batch_fails_only_the_nonfinite_matrix():
 
 def test_batch_limit_caps_cpu_batches_only():
     cpu = torch.device('cpu')
-    assert batch_limit(256, torch.float32, cpu) == 16  # 4 MiB of factors
+    assert batch_limit(256, torch.float32, cpu) == 4  # 1 MiB of factors
     assert batch_limit(4608, torch.float32, cpu) == 1
-    assert batch_limit(256, torch.float64, cpu) == 8
+    assert batch_limit(256, torch.float64, cpu) == 2
     assert batch_limit(256, torch.float32, torch.device('meta')) > 10**9
