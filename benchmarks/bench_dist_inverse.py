@@ -5,13 +5,14 @@ Every rank builds the same stack of ``Linear`` layers (widths chosen to span
 the factor sizes of a detector's convs), collects one statistics step, and
 then times ``update_preconditioners`` when every factor is refreshed:
 
-* ``nkfac``: a warm-started Newton step per factor (NKFAC / AdaNKFAC / KFAC
-  share this phase);
+* ``nkfac``: a warm-started Newton step per factor, batched by size
+  (NKFAC / AdaNKFAC / KFAC share this phase);
 * ``adamr``: an fp64 eigendecomposition per factor (AdamR's basis update).
 
-Each is run sharded (the default: each factor on one rank, results
-broadcast) and replicated (every rank computes everything).  Each process
-uses one thread, so the ranks do not compete for the same cores.
+Each is run sharded (the default: each batch of equal-sized factors cut
+into one chunk per rank, chunks balanced by ``n^3``, results broadcast)
+and replicated (every rank computes everything).  Each process uses one
+thread, so the ranks do not compete for the same cores.
 
 Run::
 

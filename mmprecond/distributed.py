@@ -5,7 +5,18 @@ Only what the algorithms need, and written so that every rank issues the same
 collectives in the same order: callers pass every registered layer in a
 fixed order, with zero tensors for layers that did not run on this rank.
 """
-from typing import Callable, Dict, List, Optional, Tuple
+import math
+from typing import (
+    Callable,
+    Dict,
+    Hashable,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 import torch.distributed as dist
@@ -88,16 +99,29 @@ def assign_by_cost(costs: List[float], ranks: int) -> List[int]:
     return owner
 
 
-def run_sharded(tasks: List[Tuple[float, List[Tensor], Callable[[], List[Tensor]]]],
+#: What a non-owner rank must know to receive one result tensor: its shape,
+#: dtype and device.  A tensor serves as its own spec.
+Spec = Tuple[Tuple[int, ...], torch.dtype, torch.device]
+
+
+def _spec(t: Union[Tensor, Spec]) -> Spec:
+    if isinstance(t, Tensor):
+        return tuple(t.shape), t.dtype, t.device
+    return t
+
+
+def run_sharded(tasks: List[Tuple[float, Sequence[Union[Tensor, Spec]],
+                                  Callable[[], List[Tensor]]]],
                 shard: bool = True) -> List[List[Tensor]]:
-    """Run expensive per-layer work on one rank each and share the results.
+    """Run expensive work on one rank each and share the results.
 
     Each task is ``(cost, templates, fn)``: ``fn()`` returns tensors shaped
-    like ``templates`` (only their shape, dtype and device are used).  With
-    one process every task runs locally.  Otherwise tasks are assigned by
+    like ``templates`` (tensors, of which only the shape, dtype and device
+    are used, or ``(shape, dtype, device)`` specs).  With one process every
+    task runs locally.  Otherwise tasks are assigned by
     :func:`assign_by_cost`, each rank runs its own, and every rank's results
-    are broadcast from it in one flat buffer, so all ranks end up with
-    bit-identical tensors after ``world_size`` broadcasts.
+    are broadcast from it in one flat buffer per dtype and device, so all
+    ranks end up with bit-identical tensors after ``world_size`` broadcasts.
 
     Args:
         tasks (list[tuple]): ``(cost, templates, fn)`` per task.
@@ -118,27 +142,103 @@ def run_sharded(tasks: List[Tuple[float, List[Tensor], Callable[[], List[Tensor]
             results[i] = [t.contiguous() for t in fn()]
     for src in range(world):
         mine = [i for i in range(len(tasks)) if owner[i] == src]
-        templates = [t for i in mine for t in tasks[i][1]]
-        if not templates:
+        specs = [_spec(t) for i in mine for t in tasks[i][1]]
+        if not specs:
             continue
         groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
-        for k, t in enumerate(templates):
-            groups.setdefault((t.dtype, t.device), []).append(k)
-        flat_out: List[Optional[Tensor]] = [None] * len(templates)
+        for k, (_, dtype, device) in enumerate(specs):
+            groups.setdefault((dtype, device), []).append(k)
+        flat_out: List[Optional[Tensor]] = [None] * len(specs)
         produced = ([t for i in mine for t in results[i]]
                     if src == rank else None)
         for (dtype, device), idx in groups.items():
-            sizes = [templates[k].numel() for k in idx]
+            sizes = [math.prod(specs[k][0]) for k in idx]
             if src == rank:
                 flat = torch.cat([produced[k].reshape(-1) for k in idx])
             else:
                 flat = torch.empty(sum(sizes), dtype=dtype, device=device)
             dist.broadcast(flat, src=src)
             for k, part in zip(idx, flat.split(sizes)):
-                flat_out[k] = part.view_as(templates[k])
+                flat_out[k] = part.view(specs[k][0])
         pos = 0
         for i in mine:
             n = len(tasks[i][1])
             results[i] = flat_out[pos:pos + n]
             pos += n
     return results  # type: ignore[return-value]
+
+
+class Chunk(NamedTuple):
+    """A slice of one batch of :func:`run_batched`.
+
+    Attributes:
+        key (Hashable): The batching key its items share.
+        items (list[int]): Indices of its items in the caller's list.
+        offset (int): Position of ``items[0]`` within the whole batch.
+        batch_size (int): Number of items in the whole batch.
+    """
+    key: Hashable
+    items: List[int]
+    offset: int
+    batch_size: int
+
+
+def group_by_key(keys: Sequence[Hashable]) -> Dict[Hashable, List[int]]:
+    """Indices of equal keys, in order of first appearance (deterministic)."""
+    groups: Dict[Hashable, List[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def run_batched(keys: Sequence[Hashable],
+                work: Callable[[Chunk], List[Tensor]],
+                cost: Callable[[Hashable], float],
+                outputs: Optional[Callable[[Hashable, int], Sequence[Spec]]] = None,
+                shard: bool = True,
+                max_items: Optional[Callable[[Hashable], int]] = None
+                ) -> List[Tuple[Chunk, List[Tensor]]]:
+    """Batch items with equal keys, run each batch once, shard over ranks.
+
+    Items whose ``keys`` are equal (e.g. Kronecker factors of one size,
+    dtype and device) form a batch that ``work`` processes with batched
+    kernels, so the number of kernel launches grows with the number of
+    distinct keys, not of items.  Under torch.distributed with ``shard``,
+    each batch is cut into at most ``world_size`` near-equal chunks, the
+    chunks are spread over the ranks by :func:`run_sharded` (balanced by
+    ``cost(key)`` per item) and their results broadcast, so every rank ends
+    with bit-identical results; otherwise there is one chunk per batch.
+    ``max_items`` caps a chunk's size further (e.g. cache-sized batches on
+    the CPU, :func:`mmprecond.linalg.batch_limit`).
+
+    Args:
+        keys (Sequence[Hashable]): Batching key of each item; identical
+            (structure and order) on every rank.
+        work (Callable): ``work(chunk)`` returns the chunk's result tensors,
+            each with ``len(chunk.items)`` as its leading dimension.
+        cost (Callable): Cost of one item of a key (e.g. ``n ** 3``).
+        outputs (Callable, optional): ``outputs(key, count)``: the
+            ``(shape, dtype, device)`` of each result of a chunk of
+            ``count`` items, needed to receive a broadcast (with ``shard``
+            under torch.distributed).
+        shard (bool): ``False``: every rank runs every batch.
+        max_items (Callable, optional): Most items of a key in one chunk.
+
+    Returns:
+        list[tuple[Chunk, list[Tensor]]]: Each chunk and its results.
+    """
+    world = world_size() if shard else 1
+    if world > 1 and outputs is None:
+        raise ValueError('sharded run_batched needs the outputs spec')
+    chunks: List[Chunk] = []
+    for key, items in group_by_key(keys).items():
+        parts = min(world, len(items))
+        if max_items is not None:
+            parts = max(parts, -(-len(items) // max(1, max_items(key))))
+        bounds = [round(len(items) * r / parts) for r in range(parts + 1)]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            chunks.append(Chunk(key, items[lo:hi], lo, len(items)))
+    tasks = [(cost(c.key) * len(c.items),
+              outputs(c.key, len(c.items)) if world > 1 else (),
+              (lambda c=c: work(c))) for c in chunks]
+    return list(zip(chunks, run_sharded(tasks, shard=shard)))

@@ -11,7 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mmprecond.distributed import BUCKET_BYTES, assign_by_cost, bucket_plan
+from mmprecond.distributed import (
+    BUCKET_BYTES,
+    assign_by_cost,
+    bucket_plan,
+    group_by_key,
+    run_batched,
+)
 from mmprecond.optim import NKFAC, AdamR, AdaNKFAC
 
 HP = dict(stat_interval=1, inv_interval=2, exact_inv_period=3)
@@ -92,8 +98,15 @@ def worker(rank, world, port, name, steps, result_path):
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
+    # every refreshed tensor (inverses, bases), as each rank holds it
+    refreshed = torch.cat([v.reshape(-1) for st in opt.layer_state.values()
+                           for k, v in sorted(st.items())
+                           if k.endswith('_inv') or k in ('U1', 'U2')])
+    ranks_refreshed = [torch.zeros_like(refreshed) for _ in range(world)]
+    dist.all_gather(ranks_refreshed, refreshed)
     if rank == 0:
-        torch.save(dict(params=gathered, state=opt.layer_state), result_path)
+        torch.save(dict(params=gathered, state=opt.layer_state,
+                        refreshed=ranks_refreshed), result_path)
     dist.destroy_process_group()
 
 
@@ -112,6 +125,10 @@ def test_ddp_equals_single_process_on_concatenated_batch(name, tmp_path):
     res = torch.load(path)
     r0, r1 = res['params']
     assert torch.equal(r0, r1), 'ranks diverged'
+    # sharded (batches split over the ranks, results broadcast) or
+    # replicated, the refreshed inverses / bases are bit-identical
+    assert res['refreshed'][0].numel() > 0
+    assert torch.equal(*res['refreshed']), 'refreshed state differs'
 
     model = Net()
     cls, kw = OPTIMS[name]
@@ -135,6 +152,75 @@ def test_ddp_equals_single_process_on_concatenated_batch(name, tmp_path):
             continue
         err = (got - value).norm() / value.norm()
         assert err < 1e-4, (key, float(err))
+
+
+BATCH_KEYS = [17, 4, 17, 17, 9, 4, 17, 17]  # item sizes: three batches
+
+
+def batched_worker(rank, world, port, result_path):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    items = [torch.full((n, n), float(i)) for i, n in enumerate(BATCH_KEYS)]
+    ran = []
+
+    def work(chunk):
+        ran.append(chunk.items)
+        # the result says which rank computed it
+        stacked = torch.stack([items[i] for i in chunk.items]) + 100 * rank
+        return [stacked, torch.tensor(chunk.items, dtype=torch.float32)]
+
+    out = run_batched(BATCH_KEYS, work, lambda n: float(n)**3,
+                      lambda n, k: [((k, n, n), torch.float32, torch.device('cpu')),
+                                    ((k, ), torch.float32, torch.device('cpu'))])
+    flat = torch.cat([t.reshape(-1) for _, ts in out for t in ts])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    calls = [None] * world
+    dist.all_gather_object(calls, ran)
+    if rank == 0:
+        torch.save(dict(flat=gathered, calls=calls,
+                        chunks=[((c.key, c.items, c.offset, c.batch_size), ts)
+                                for c, ts in out]), result_path)
+    dist.destroy_process_group()
+
+
+def test_run_batched_splits_batches_over_ranks_and_shares_results(tmp_path):
+    path = str(tmp_path / 'batched.pt')
+    mp.spawn(batched_worker, args=(2, free_port(), path), nprocs=2, join=True)
+    res = torch.load(path)
+    assert torch.equal(*res['flat']), 'ranks hold different results'
+    # each batch is cut in at most 2 near-equal chunks, in key order
+    assert [c for c, _ in res['chunks']] == [
+        (17, [0, 2], 0, 5), (17, [3, 6, 7], 2, 5), (4, [1], 0, 2),
+        (4, [5], 1, 2), (9, [4], 0, 1)]
+    # every chunk ran exactly once, and both ranks had work
+    ran = res['calls']
+    assert all(ran)
+    assert sorted(i for calls in ran for c in calls for i in c) == list(range(8))
+    owners = set()
+    for (_, items, _, _), (stacked, ids) in res['chunks']:
+        assert ids.tolist() == items  # results come back in place
+        for j, i in enumerate(items):
+            owner = int(stacked[j, 0, 0]) - i  # 0 or 100 * rank
+            assert owner in (0, 100)
+            assert torch.equal(stacked[j], torch.full_like(stacked[j], i + owner))
+            owners.add(owner)
+    assert owners == {0, 100}
+
+
+def test_group_by_key_keeps_first_appearance_order():
+    assert group_by_key(BATCH_KEYS) == {17: [0, 2, 3, 6, 7], 4: [1, 5], 9: [4]}
+    # one process: one chunk per batch
+    out = run_batched(BATCH_KEYS, lambda c: [torch.tensor(c.items)],
+                      lambda n: 1.0)
+    assert [(c.key, r.tolist()) for c, (r, ) in out] == [
+        (17, [0, 2, 3, 6, 7]), (4, [1, 5]), (9, [4])]
+    # max_items caps the chunks (cache-sized CPU batches)
+    out = run_batched(BATCH_KEYS, lambda c: [torch.tensor(c.items)],
+                      lambda n: 1.0, max_items=lambda n: 2)
+    assert [(c.key, c.items, c.offset) for c, _ in out] == [
+        (17, [0, 2], 0), (17, [3], 2), (17, [6, 7], 3), (4, [1, 5], 0),
+        (9, [4], 0)]
 
 
 def test_assign_by_cost_balances_and_is_deterministic():

@@ -8,7 +8,7 @@ builds on AdaBK (H. Yong, Y. Sun, L. Zhang, *A General Regret Bound of
 Preconditioned Gradient Method for DNN Training*, CVPR 2023).
 """
 import math
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ..curvature.capture import factor_dims, split_gradient_matrix
 from ..curvature.factors import BatchStatistics, mean_update
-from ..distributed import run_sharded
-from ..linalg import safe_eigh
+from ..distributed import Chunk, run_batched
+from ..linalg import EIGH_FAILED, batch_limit, eigh_batch, record_flags
 from .base import PrecondOptimizer, adamw_update, check_positive, check_unit_interval
 
 #: Default ``max_factor_dim``, the same bound as NKFAC's: every factor of a
@@ -50,14 +50,15 @@ def align_signs(new: Tensor, old: Optional[Tensor]) -> Tensor:
     the identity basis.
 
     Args:
-        new (Tensor): New eigenvectors, one per column.
+        new (Tensor): New eigenvectors, one per column, ``(..., n, n)``.
         old (Tensor, optional): Previous eigenvectors, same shape.
 
     Returns:
         Tensor: ``new`` with columns negated where ``<old_i, new_i> < 0``.
     """
-    overlap = new.diagonal() if old is None else (old * new).sum(0)
-    return new * torch.where(overlap < 0, -1.0, 1.0).to(new.dtype)
+    overlap = (new.diagonal(dim1=-2, dim2=-1) if old is None else
+               (old * new).sum(-2))
+    return new * torch.where(overlap < 0, -1.0, 1.0).to(new.dtype).unsqueeze(-2)
 
 
 def project_moments(exp_avg: Tensor, exp_avg_sq: Tensor, left: Optional[Tensor],
@@ -174,8 +175,9 @@ class AdamR(PrecondOptimizer):
       ``L``, ``R`` are plain running means of the sampled statistics,
       unnormalised (``L`` sums the output-gradient rows, as Lemma 4.1
       does); only their eigenvectors are used.
-    * ``eps_b`` (``eps_basis``) is added in fp64 before :func:`safe_eigh`,
-      whose retries are counted under ``'eigh_retry'``.  A factor that is
+    * ``eps_b`` (``eps_basis``) is added in fp64 before a batched ``eigh``
+      (:func:`~mmprecond.linalg.eigh_batch`, one call per factor size),
+      whose retries are counted per factor under ``'eigh_retry'``.  A factor that is
       not finite, or an ``eigh`` that still fails, keeps the previous basis
       of that side (``'eigh_failure'``).  New eigenvectors are sign-aligned
       with the previous ones (:func:`align_signs`) and, as ``eigh`` returns
@@ -305,12 +307,12 @@ class AdamR(PrecondOptimizer):
             of the bases (``U <- qr(F U)``) in between the eigh refreshes.
             Defaults to None (none).
         max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
-        shard_basis (bool): Under ``torch.distributed``, compute each
-            factor's eigendecomposition on one rank (assigned by ``n^3``
-            cost) and broadcast the eigenvectors, so the basis refresh time
-            falls with the number of ranks.  ``False``: every rank computes
-            every basis.  Ranks end up bit-identical either way.  A failure
-            is counted on the rank that computed it.  Defaults to True.
+        shard_basis (bool): Under ``torch.distributed``, split each batch of
+            equal-sized factors over the ranks (balanced by ``n^3`` cost)
+            and broadcast the eigenvectors, so the basis refresh time falls
+            with the number of ranks.  ``False``: every rank computes every
+            basis.  Ranks end up bit-identical either way, and count the
+            same fallbacks.  Defaults to True.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -403,40 +405,6 @@ class AdamR(PrecondOptimizer):
                 st[side + '_count'] = torch.tensor(k)
 
     # ----------------------------------------------------------------- bases
-    def _eigenbasis(self, name: str, factor: Tensor) -> Optional[Tensor]:
-        """Eigenvectors of ``factor + eps_basis I`` (fp64), or ``None``."""
-        if not bool(torch.isfinite(factor).all()):
-            self.fallbacks.record(
-                'eigh_failure',
-                f'a factor of {name} is not finite; its basis is kept')
-            return None
-        damped = factor.double()
-        damped.diagonal().add_(self.eps_basis)
-        try:
-            _, vecs = safe_eigh(damped, self.fallbacks)
-        except RuntimeError as err:
-            self.fallbacks.record(
-                'eigh_failure', f'eigh of a factor of {name} failed ({err}); '
-                'its basis is kept')
-            return None
-        if not bool(torch.isfinite(vecs).all()):
-            self.fallbacks.record(
-                'eigh_failure',
-                f'eigh of a factor of {name} is not finite; its basis is kept')
-            return None
-        return vecs.to(factor.dtype)
-
-    def _basis_task(self, name: str, factor: Tensor):
-        """Eigenvectors of ``factor``, or a NaN matrix when they failed."""
-
-        def fn():
-            vecs = self._eigenbasis(name, factor)
-            if vecs is None:
-                vecs = torch.full_like(factor, float('nan'))
-            return [vecs]
-
-        return fn
-
     def is_basis_step(self, step: int) -> bool:
         """Whether the (0-based) ``step`` computes fresh eigenbases."""
         if step > 0 and step % self.basis_interval == 0:
@@ -452,10 +420,18 @@ class AdamR(PrecondOptimizer):
             self._power_refresh()
 
     def _eigh_refresh(self) -> None:
-        """Fresh fp64 eigenbases of every factor (sharded over ranks)."""
+        """Fresh fp64 eigenbases of every factor, batched by size.
+
+        Factors of one size (dtype, device, first basis or not) are
+        decomposed by one batched ``eigh`` (:func:`~mmprecond.linalg.eigh_batch`;
+        cache-sized batches on the CPU); under torch.distributed the
+        batches are split over the ranks by ``n^3`` and the sign-aligned
+        eigenvectors broadcast (``shard_basis``).  Retries and failures are
+        counted per factor on every rank; a failed factor keeps its basis.
+        """
         self.sync_fallbacks()
         self._drop_nonfinite_bases()
-        tasks, slots = [], []
+        slots, factors, olds = [], [], []
         for name in self.layers:
             st = self.layer_state.get(name)
             if not st:
@@ -463,16 +439,36 @@ class AdamR(PrecondOptimizer):
             for side, key in _BASIS_OF:
                 if side in st:
                     slots.append((name, key))
-                    tasks.append((float(st[side].shape[0])**3, [st[side]],
-                                  self._basis_task(name, st[side])))
-        if not tasks:
+                    factors.append(st[side])
+                    olds.append(st.get(key))
+        if not slots:
             return
-        results = run_sharded(tasks, shard=self.shard_basis)
+        keys = [(f.shape[-1], f.dtype, f.device, old is None)
+                for f, old in zip(factors, olds)]
+
+        def work(chunk: Chunk) -> List[Tensor]:
+            _, dtype, _, first = chunk.key
+            damped = torch.stack([factors[i] for i in chunk.items]).double()
+            damped.diagonal(dim1=-2, dim2=-1).add_(self.eps_basis)
+            _, vecs, flags = eigh_batch(damped)
+            old = None if first else torch.stack([olds[i] for i in chunk.items])
+            return [align_signs(vecs.to(dtype), old), flags.to(dtype)]
+
+        def outputs(key: tuple, count: int) -> list:
+            n, dtype, device, _ = key
+            return [((count, n, n), dtype, device), ((count, ), dtype, device)]
+
+        results = run_batched(
+            keys, work, lambda key: float(key[0])**3, outputs,
+            shard=self.shard_basis,
+            max_items=lambda key: batch_limit(key[0], torch.float64, key[2]))
         changes: Dict[str, Dict[str, Tensor]] = {}
-        for (name, key), (vecs, ) in zip(slots, results):
-            if bool(torch.isfinite(vecs).all()):  # else: the old basis stays
-                old = self.layer_state[name].get(key)
-                changes.setdefault(name, {})[key] = align_signs(vecs, old)
+        for chunk, (vecs, flags) in results:
+            codes = record_flags(self.fallbacks, flags)
+            for j, i in enumerate(chunk.items):
+                if not codes[j] & EIGH_FAILED:  # else: the old basis stays
+                    name, key = slots[i]
+                    changes.setdefault(name, {})[key] = vecs[j]
         for name, new_bases in changes.items():
             st = self.layer_state[name]
             first = 'U1' not in st and 'U2' not in st

@@ -290,12 +290,16 @@ class AttentionFeatureDescent(FeatureDescent):
                 st[key] = ema_update(st.get(key), mean, self.stat_decay)
         self._reset_sums()
 
-    def update_preconditioners(self, step: int) -> None:
-        super().update_preconditioners(step)
-        for name in self.attention:
-            st = self.layer_state.get(name)
-            if st:
-                self._refresh(st, ATTENTION_STATS, step)
+    def _refresh_slots(self, step: int) -> List[Tuple[Dict[str, Tensor], str]]:
+        """FSGD's slots plus the attention statistics that are due.
+
+        All of them are refreshed together, batched by size, by
+        :meth:`FeatureDescent.update_preconditioners`.
+        """
+        due = self.refresh_due(step)
+        return super()._refresh_slots(step) + [
+            slot for name in self.attention for slot in self._due_slots(
+                self.layer_state.get(name, {}), ATTENTION_STATS, due)]
 
     # --------------------------------------------------------- preconditioner
     @staticmethod

@@ -7,7 +7,7 @@ Y. Sun, *Designing Effective Preconditioned Optimizers for Deep Neural
 Network Training*, PhD thesis, PolyU 2024, section 5.2.2 (eqs. 5.1-5.2) and
 the FSGD / FAdam baselines of Tables 5.1-5.2.
 """
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,14 @@ from torch import Tensor
 
 from ..curvature.capture import factor_dims
 from ..curvature.factors import BatchStatistics, ema_update
-from ..linalg import damp, exact_inverse, power_iteration_lmax
+from ..distributed import Chunk, run_batched
+from ..linalg import (
+    INVERSE_FAILED,
+    batch_limit,
+    lanczos_lmax,
+    record_flags,
+    refresh_inverse,
+)
 from ..logging import FallbackLog
 from .base import PrecondOptimizer, check_positive, check_unit_interval
 
@@ -32,17 +39,39 @@ def recover_norm(pg: Tensor, g: Tensor) -> Tensor:
     return pg * (g.norm() / (pg.norm() + 1e-12))
 
 
+def damped_inverse_batch(blocks: Tensor, owner: Tensor, count: int,
+                         damping: float, floor: float) -> Tuple[Tensor, Tensor]:
+    """Eq. 5.17 for ``count`` statistics at once, as ``(B, d, d)`` blocks.
+
+    ``owner[b]`` is the statistic block ``b`` belongs to: a stack of ``H``
+    heads stands for the block-diagonal matrix of its blocks, normalised as
+    a whole, and every block of it gets the same shift, ``damping`` times
+    the largest eigenvalue over its blocks, so the heads keep their
+    relative scales.  ``lambda_max`` is the Lanczos estimate of
+    :func:`~mmprecond.linalg.lanczos_lmax` (at least as accurate as the 20
+    power-iteration mat-vecs of the NKFAC code).
+
+    Returns:
+        tuple[Tensor, Tensor]: The ``(B, d, d)`` inverses and their status
+        bits (see :mod:`mmprecond.linalg`).
+    """
+    sq = torch.zeros(count, dtype=blocks.dtype, device=blocks.device)
+    sq.index_add_(0, owner, blocks.square().sum((1, 2)))
+    blocks = blocks / (sq.sqrt() + 1e-12)[owner, None, None]
+    lmax = torch.zeros_like(sq).scatter_reduce_(0, owner, lanczos_lmax(blocks),
+                                                'amax', include_self=False)
+    return refresh_inverse(blocks, damping, floor, lmax=lmax[owner])
+
+
 def damped_inverse(stat: Tensor, damping: float, floor: float,
                    log: Optional[FallbackLog] = None) -> Tensor:
     """``(S / ||S||_F + max(floor, damping * lambda_max) I)^-1`` (eq. 5.17).
 
     The statistic is Frobenius-normalised before damping, so ``floor`` is
     relative to its size (the optimizers' norm recovery removes the overall
-    scale anyway); ``lambda_max`` is the 10-step power iteration of the
-    NKFAC code.  A stack ``(H, d, d)`` stands for the block-diagonal matrix
-    of its heads: it is normalised as a whole and every block gets the same
-    shift, ``damping`` times the largest eigenvalue over all blocks, so the
-    heads keep their relative scales.
+    scale anyway).  A stack ``(H, d, d)`` stands for the block-diagonal
+    matrix of its heads; see :func:`damped_inverse_batch`, which the
+    optimizers call once per size for all their statistics.
 
     Args:
         stat (Tensor): Symmetric PSD ``(d, d)`` or ``(H, d, d)``.
@@ -50,12 +79,13 @@ def damped_inverse(stat: Tensor, damping: float, floor: float,
         floor (float): Lower bound of the added multiple of ``I``.
         log (FallbackLog, optional): Where inverse retries are counted.
     """
-    blocks = stat.unsqueeze(0) if stat.dim() == 2 else stat
-    blocks = blocks / (blocks.square().sum().sqrt() + 1e-12)
-    lmax = torch.stack([power_iteration_lmax(b) for b in blocks]).max()
-    inv = torch.stack([exact_inverse(damp(b, damping, floor, lmax), log)
-                       for b in blocks])
-    return inv[0] if stat.dim() == 2 else inv
+    blocks = stat.reshape(-1, stat.shape[-1], stat.shape[-1])
+    owner = torch.zeros(blocks.shape[0], dtype=torch.long, device=stat.device)
+    inv, flags = damped_inverse_batch(blocks, owner, 1, damping, floor)
+    if any(c & INVERSE_FAILED for c in record_flags(log, flags)):
+        raise FloatingPointError('could not invert a damped statistic; it '
+                                 'contains non-finite values')
+    return inv.reshape(stat.shape)
 
 
 class FeatureDescent(PrecondOptimizer):
@@ -124,21 +154,51 @@ class FeatureDescent(PrecondOptimizer):
         """Whether inverses are recomputed at (0-based) ``step``."""
         return step % self.inv_interval == 0
 
-    def _refresh(self, st: Dict[str, Tensor], keys: Tuple[str, ...],
-                 step: int) -> None:
-        """Recompute ``st[k + '_inv']`` for each statistic ``k`` that is due."""
+    @staticmethod
+    def _due_slots(st: Dict[str, Tensor], keys: Tuple[str, ...],
+                   due: bool) -> List[Tuple[Dict[str, Tensor], str]]:
+        """``(st, key)`` of the statistics in ``st`` that need an inverse now."""
+        return [(st, k) for k in keys if k in st and (due or k + '_inv' not in st)]
+
+    def _refresh_slots(self, step: int) -> List[Tuple[Dict[str, Tensor], str]]:
+        """``(state, key)`` of every statistic whose inverse is due."""
         due = self.refresh_due(step)
-        for key in keys:
-            if key in st and (due or key + '_inv' not in st):
-                st[key + '_inv'] = damped_inverse(st[key], self.damping,
-                                                  self.damping_floor,
-                                                  self.fallbacks)
+        return [slot for name in self.layers
+                for slot in self._due_slots(self.layer_state.get(name, {}),
+                                            ('R', ), due)]
 
     def update_preconditioners(self, step: int) -> None:
-        for name in self.layers:
-            st = self.layer_state.get(name)
-            if st:
-                self._refresh(st, ('R', ), step)
+        """Recompute the due inverses, one batched call per statistic shape.
+
+        A statistic whose inverse failed entirely (non-finite) keeps its
+        previous inverse; every retry and failure is counted per matrix.
+        """
+        slots = self._refresh_slots(step)
+        stats = [st[key] for st, key in slots]
+        # (block size, blocks per statistic, dtype, device)
+        keys = [(s.shape[-1], s.numel() // s.shape[-1]**2, s.dtype, s.device)
+                for s in stats]
+
+        def work(chunk: Chunk) -> List[Tensor]:
+            n, heads, _, device = chunk.key
+            blocks = torch.cat([stats[i].reshape(-1, n, n) for i in chunk.items])
+            owner = torch.arange(len(chunk.items), device=device)
+            inv, flags = damped_inverse_batch(blocks, owner.repeat_interleave(heads),
+                                              len(chunk.items), self.damping,
+                                              self.damping_floor)
+            return [inv.view(len(chunk.items), heads, n, n),
+                    flags.view(len(chunk.items), heads)]
+
+        results = run_batched(
+            keys, work, lambda key: float(key[0])**3 * key[1], shard=False,
+            max_items=lambda key: max(1, batch_limit(key[0], *key[2:]) // key[1]))
+        for chunk, (inv, flags) in results:
+            codes = record_flags(self.fallbacks, flags)
+            h = chunk.key[1]
+            for j, i in enumerate(chunk.items):
+                if not any(c & INVERSE_FAILED for c in codes[j * h:(j + 1) * h]):
+                    st, key = slots[i]
+                    st[key + '_inv'] = inv[j].reshape(stats[i].shape)
 
     # --------------------------------------------------------- preconditioner
     def recover(self, pg: Tensor, g: Tensor) -> Tensor:
