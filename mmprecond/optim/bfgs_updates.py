@@ -38,8 +38,12 @@ def bfgs_update(H: Tensor, s: Tensor, y: Tensor) -> Tensor:
     ``H+ = (I - rho s y^T) H (I - rho y s^T) + rho s s^T`` with
     ``rho = 1 / s^T y``, expanded for a symmetric ``H`` as
     ``H - rho (s (Hy)^T + (Hy) s^T) + (rho^2 y^T H y + rho) s s^T``
-    (``O(d^2)``, no ``d x d`` product).  The caller guarantees
-    ``s^T y > 0`` (e.g. with :func:`powell_lm_damping`).
+    (``O(d^2)``, no ``d x d`` product).  The update is invariant to
+    scaling ``s`` and ``y`` together, so both are divided by ``||s||`` first:
+    a pair of tiny vectors (the mean pre-activation of a layer followed by
+    BatchNorm hardly moves) would otherwise overflow ``rho^2`` in fp32.
+    The caller guarantees ``s^T y > 0`` (e.g. with
+    :func:`powell_lm_damping`) and discards a non-finite result.
 
     Args:
         H (Tensor): ``(d, d)`` symmetric approximation of the inverse.
@@ -49,6 +53,9 @@ def bfgs_update(H: Tensor, s: Tensor, y: Tensor) -> Tensor:
     Returns:
         Tensor: The updated ``(d, d)`` matrix (a new tensor).
     """
+    norm = torch.linalg.vector_norm(s)
+    s = s / norm
+    y = y / norm
     hy = H @ y
     rho = 1.0 / (s @ y)
     coef = rho * rho * (y @ hy) + rho
