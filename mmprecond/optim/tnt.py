@@ -6,7 +6,9 @@ thesis, Columbia University, 2022, Chapter 4 (Algorithm 15); Ren and
 Goldfarb, "Tensor Normal Training for Deep Learning Models", NeurIPS 2021.
 """
 import math
+import time
 import weakref
+from collections import Counter
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -45,13 +47,6 @@ def mode_gram(g: Tensor, i: int) -> Tensor:
     if m.dtype != torch.float64:
         m = m.float()
     return m @ m.T
-
-
-def mode_product(g: Tensor, mat: Tensor, i: int) -> Tensor:
-    """``g x_i mat``: multiply mode ``i`` of ``g`` by the matrix ``mat``."""
-    moved = g.movedim(i, 0)
-    out = (mat @ moved.reshape(moved.shape[0], -1)).reshape(moved.shape)
-    return out.movedim(0, i)
 
 
 def trace_equalized(grams: Dict[int, Tensor], sq_norm: Tensor,
@@ -177,6 +172,11 @@ class TNT(Optimizer):
             ``(batch, classes)`` logits (``'head'`` for mmpretrain
             classifiers, e.g. ``'fc'`` for a torchvision ResNet).
 
+    Attributes:
+        fallbacks (FallbackLog): Counted fallbacks (failed inverses).
+        phase_seconds (Counter): Host time in ``'statistics'``,
+            ``'refresh'`` and ``'precondition'`` (incl. the base update).
+
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> opt = TNT(model.parameters(), model=model, lr=0.01,
@@ -230,6 +230,7 @@ class TNT(Optimizer):
         self.fisher = fisher
         self.logits_module = logits_module
         self.fallbacks = FallbackLog(type(self).__name__)
+        self.phase_seconds: Counter = Counter()
         self.steps = 0
         self.fisher_params: List[Tensor] = [
             p for g in self.param_groups for p in g['params'] if p.requires_grad
@@ -337,16 +338,20 @@ class TNT(Optimizer):
                 loss = closure()
         t = self.steps
         warm = self._k(t) < 0
+        clock = time.perf_counter()
         if self._is_stat_step(t):
             self._fold(self._fisher_grads(), warm)
         self.sampled_grads = {}
-        if warm:
-            if self._k(t + 1) == 0:
-                self._refresh()
-        else:
-            if self._is_refresh_step(t):
-                self._refresh()
+        now = time.perf_counter()
+        self.phase_seconds['statistics'] += now - clock
+        if (warm and self._k(t + 1) == 0) or (not warm
+                                              and self._is_refresh_step(t)):
+            self._refresh()
+        clock = time.perf_counter()
+        self.phase_seconds['refresh'] += clock - now
+        if not warm:
             self._update()
+            self.phase_seconds['precondition'] += time.perf_counter() - clock
         self.steps = t + 1
         self.sampling_active = self._is_stat_step(self.steps)
         return loss
@@ -370,21 +375,34 @@ class TNT(Optimizer):
                 continue
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
-            dirs = [self._precondition(p, b) for p, b in zip(params, bufs)]
+            dirs = self._precondition_all(params, bufs)
             if wd != 0:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
             torch._foreach_add_(params, dirs, alpha=-lr)
 
-    def _precondition(self, p: Tensor, buf: Tensor) -> Tensor:
-        st = self.state[p]
-        dims, modes = self.factored_modes(p)
-        qs = [(i, st[f'Q{i}']) for i in modes if f'Q{i}' in st]
-        if not qs:
-            return buf
-        out = buf.reshape(dims).float()
-        for i, q in qs:
-            out = mode_product(out, q, i)
-        return out.reshape(p.shape).to(p.dtype)
+    def _precondition_all(self, params: List[Tensor],
+                          bufs: List[Tensor]) -> List[Tensor]:
+        """``buf x_1 Q_1 ... x_k Q_k`` for every parameter; tensors of the
+        same shape and factored modes are stacked into batched matmuls."""
+        dirs: List[Tensor] = list(bufs)
+        batches: Dict[tuple, List[int]] = {}
+        for n, p in enumerate(params):
+            st = self.state[p]
+            dims, modes = self.factored_modes(p)
+            have = tuple(i for i in modes if f'Q{i}' in st)
+            if have:
+                batches.setdefault((dims, have, p.dtype, p.device), []).append(n)
+        for (dims, have, dtype, _), idx in batches.items():
+            out = torch.stack([bufs[n].reshape(dims) for n in idx]).float()
+            for i in have:
+                q = torch.stack([self.state[params[n]][f'Q{i}'] for n in idx])
+                moved = out.movedim(i + 1, 1)
+                shape = moved.shape
+                prod = torch.bmm(q, moved.reshape(shape[0], shape[1], -1))
+                out = prod.reshape(shape).movedim(1, i + 1)
+            for j, n in enumerate(idx):
+                dirs[n] = out[j].reshape(params[n].shape).to(dtype)
+        return dirs
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
