@@ -26,8 +26,8 @@ import sys
 import time
 from typing import Any, Dict, List
 
+from adamr_moments import LossRecorder
 from mmengine.config import Config
-from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -42,17 +42,6 @@ CONFIGS = dict(
 #: SGD with momentum on the demo classifier (torch semantics, lr tuned the
 #: same way as the others, see --help).
 SGD = dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
-class LossRecorder(Hook):
-    """Keeps the total training loss of every iteration."""
-
-    def __init__(self) -> None:
-        self.losses: List[float] = []
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
-                         outputs=None) -> None:
-        self.losses.append(float(outputs['loss']))
 
 
 def build_cfg(variant: str, args: argparse.Namespace, seed: int) -> Config:

@@ -1,21 +1,11 @@
 # K-BFGS on CIFAR-10 ResNet-32 with the thesis' best hyper-parameters
 # (Yi Ren's thesis, Table 3.7: lr 100, weight decay 1e-5, damping 1e3;
 # T = 20; 93.45 % validation accuracy, mean of 5 seeds, Table 3.4).
-# Needs CIFAR-10 under data/cifar10 (mmpretrain's CIFAR10 dataset).
 # Other best values of Table 3.7 (lr, weight decay, damping):
 #   CIFAR-10 VGG16 (30, 1e-5, 1e4); CIFAR-100 VGG16 (0.1, 0.01, 10);
 #   CIFAR-100 ResNet-32 (1e3, 1e-6, 1e4).
 # Effective lr is lr / damping; weight decay acts as W -= lr * wd * W.
-_base_ = [
-    '../_base_/models/resnet32_cifar.py',
-    'mmpretrain::_base_/datasets/cifar10_bs16.py',
-    '../_base_/schedules/cifar_150e_thesis.py',
-    'mmpretrain::_base_/default_runtime.py',
-]
-custom_imports = dict(
-    imports=['mmprecond', 'mmprecond.models.cifar_resnet'],
-    allow_failed_imports=False)
-default_scope = 'mmpretrain'
+_base_ = '../_base_/resnet32_cifar10_thesis.py'
 
 optim_wrapper = dict(
     type='OptimWrapper',

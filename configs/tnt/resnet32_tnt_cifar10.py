@@ -5,16 +5,7 @@
 # damping): CIFAR-10 VGG16 (1e-4, 10, 0.1); CIFAR-100 VGG16 (1e-4, 10, 0.1);
 # CIFAR-100 ResNet-32 (1e-4, 10, 0.01).  Weight decay acts as
 # W -= lr * wd * W.
-_base_ = [
-    '../_base_/models/resnet32_cifar.py',
-    'mmpretrain::_base_/datasets/cifar10_bs16.py',
-    '../_base_/schedules/cifar_150e_thesis.py',
-    'mmpretrain::_base_/default_runtime.py',
-]
-custom_imports = dict(
-    imports=['mmprecond', 'mmprecond.models.cifar_resnet'],
-    allow_failed_imports=False)
-default_scope = 'mmpretrain'
+_base_ = '../_base_/resnet32_cifar10_thesis.py'
 
 optim_wrapper = dict(
     type='OptimWrapper',

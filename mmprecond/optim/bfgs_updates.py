@@ -188,6 +188,15 @@ class CompactLBFGS:
         return M * self.h0 + left.T @ (mid @ (left @ M))
 
 
+def _conv_input(module: nn.Conv2d, x: Tensor) -> Tuple[Tensor, tuple, tuple]:
+    """fp32 batched input, integer padding and single-filter kernel shape."""
+    x = x.detach().float()
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    x, padding = _conv_geometry(module, x)
+    return x, padding, (1, ) + tuple(module.weight.shape[1:])
+
+
 def _conv_geometry(module: nn.Conv2d, x: Tensor) -> Tuple[Tensor, tuple]:
     """Input padded for ``padding='same'`` and the integer padding to use."""
     pad = module.padding
@@ -247,12 +256,8 @@ def hessian_action(module: nn.Module, x: Tensor, s: Tensor) -> Tensor:
     """
     has_bias = module.bias is not None
     sw = s[:-1] if has_bias else s
-    x = x.detach().float()
     if isinstance(module, nn.Conv2d):
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        x, padding = _conv_geometry(module, x)
-        kshape = (1, ) + tuple(module.weight.shape[1:])
+        x, padding, kshape = _conv_input(module, x)
         u = F.conv2d(x, sw.reshape(kshape), None, module.stride, padding,
                      module.dilation)
         if has_bias:
@@ -260,7 +265,7 @@ def hessian_action(module: nn.Module, x: Tensor, s: Tensor) -> Tensor:
         aw = torch.nn.grad.conv2d_weight(x, kshape, u, module.stride, padding,
                                          module.dilation).reshape(-1)
     else:
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.detach().float().reshape(-1, x.shape[-1])
         u = rows @ sw
         if has_bias:
             u = u + s[-1]
@@ -276,19 +281,15 @@ def mean_patch_sum(module: nn.Module, x: Tensor) -> Tensor:
     Divide by ``samples * locations`` for the mean patch ``a-bar``.
     """
     has_bias = module.bias is not None
-    x = x.detach().float()
     if isinstance(module, nn.Conv2d):
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        x, padding = _conv_geometry(module, x)
-        kshape = (1, ) + tuple(module.weight.shape[1:])
+        x, padding, kshape = _conv_input(module, x)
         h, w = _out_hw(module, x, padding)
         ones = x.new_ones((x.shape[0], 1, h, w))
         total = torch.nn.grad.conv2d_weight(x, kshape, ones, module.stride,
                                             padding, module.dilation).reshape(-1)
         n = x.shape[0] * h * w
     else:
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.detach().float().reshape(-1, x.shape[-1])
         total = rows.sum(0)
         n = rows.shape[0]
     if has_bias:

@@ -2,30 +2,21 @@
 """K-BFGS's second pass inside MMEngine's loop, on the real demo detector."""
 import pytest
 import torch
-from conftest import DEMO_DET_CONFIG, LossRecorder, use_coco_root
-from mmengine.config import Config
+from conftest import LossRecorder
 from mmengine.runner import Runner
+from test_mmdet_training import demo_cfg
 
 from mmprecond.engine import SecondPassHook
 
 
 def kbfgs_cfg(data_root, work_dir, iters, optimizer, **wrapper):
-    cfg = Config.fromfile(str(DEMO_DET_CONFIG))
-    use_coco_root(cfg, data_root)
-    cfg.train_cfg.pop('_delete_', None)
-    cfg.train_cfg.max_iters = iters
+    """The demo detector's training config with K-BFGS and the hook, no val."""
+    cfg = demo_cfg(data_root, work_dir, optimizer, iters)
     cfg.train_cfg.val_interval = 10**6
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     cfg.test_cfg = cfg.test_dataloader = cfg.test_evaluator = None
-    cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=10**6)
-    cfg.default_hooks.logger.interval = 10
-    cfg.optim_wrapper = dict(
-        type='OptimWrapper', constructor='PrecondOptimWrapperConstructor',
-        optimizer=optimizer, paramwise_cfg=dict(norm_decay_mult=0.0),
-        clip_grad=dict(max_norm=10.0), **wrapper)
+    cfg.optim_wrapper.update(wrapper)
     cfg.custom_hooks = [dict(type='SecondPassHook')]
-    cfg.work_dir = str(work_dir)
     return cfg
 
 

@@ -7,27 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from small_cnn import quadrant_task, small_cnn
 
 from mmprecond.curvature.capture import input_rows_gram
 from mmprecond.optim import KBFGS, KBFGS_L
 from mmprecond.optim.bfgs_updates import bfgs_update
-
-
-def _cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
-
-
-def _data(seed=1, n=32):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 8, 8, generator=gen)
-    # a learnable rule: the class is the quadrant with the largest mean
-    q = torch.stack([x[:, :, :4, :4].mean((1, 2, 3)), x[:, :, :4, 4:].mean((1, 2, 3)),
-                     x[:, :, 4:, :4].mean((1, 2, 3)), x[:, :, 4:, 4:].mean((1, 2, 3))], 1)
-    return x, q.argmax(1)
 
 
 def _train(model, opt, x, y, steps, batch=16):
@@ -52,8 +36,8 @@ def _train(model, opt, x, y, steps, batch=16):
 def test_degenerate_equals_sgd_momentum():
     """No warm start, no decay, fewer steps than T: every parameter (conv,
     BN, linear) moves like torch SGD(lr / damping, momentum)."""
-    x, y = _data()
-    ref = _cnn()
+    x, y = quadrant_task()
+    ref = small_cnn()
     model = copy.deepcopy(ref)
     lr, damping = 0.5, 4.0
     opt = KBFGS(model.parameters(), model=model, lr=lr, damping=damping,
@@ -135,8 +119,8 @@ def test_warm_start_forms_exact_inverse_and_does_not_move():
 def test_trains_small_cnn(cls):
     """A real small classifier: the loss falls with curvature updates every
     2 steps (H_A, H_G updated), and H matrices stay finite."""
-    x, y = _data(n=64)
-    model = _cnn()
+    x, y = quadrant_task(n=64)
+    model = small_cnn()
     kwargs = dict(history=5) if cls is KBFGS_L else {}
     opt = cls(model.parameters(), model=model, lr=0.3, damping=1.0,
               curvature_interval=2, **kwargs)
@@ -152,20 +136,20 @@ def test_trains_small_cnn(cls):
 
 @pytest.mark.parametrize('cls', [KBFGS, KBFGS_L])
 def test_resume_equals_uninterrupted(cls):
-    x, y = _data(n=64)
+    x, y = quadrant_task(n=64)
     kwargs = dict(lr=0.3, damping=0.3, curvature_interval=2, warm_start_iters=1)
     if cls is KBFGS_L:
         kwargs['history'] = 3
-    full = _cnn()
+    full = small_cnn()
     opt = cls(full.parameters(), model=full, **kwargs)
     _train(full, opt, x, y, 9)
 
-    first = _cnn()
+    first = small_cnn()
     opt1 = cls(first.parameters(), model=first, **kwargs)
     _train(first, opt1, x, y, 5)
     sd_model = copy.deepcopy(first.state_dict())
     sd_opt = copy.deepcopy(opt1.state_dict())
-    resumed = _cnn(seed=5)
+    resumed = small_cnn(seed=5)
     resumed.load_state_dict(sd_model)
     opt2 = cls(resumed.parameters(), model=resumed, **kwargs)
     opt2.load_state_dict(sd_opt)

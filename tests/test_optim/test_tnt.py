@@ -5,25 +5,10 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from small_cnn import quadrant_task, small_cnn
 
 from mmprecond.optim import TNT, TNT_EF
 from mmprecond.optim.tnt import mode_gram, tensor_modes, trace_equalized
-
-
-def _cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
-
-
-def _data(seed=1, n=64):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 8, 8, generator=gen)
-    q = torch.stack([x[:, :, :4, :4].mean((1, 2, 3)), x[:, :, :4, 4:].mean((1, 2, 3)),
-                     x[:, :, 4:, :4].mean((1, 2, 3)), x[:, :, 4:, 4:].mean((1, 2, 3))], 1)
-    return x, q.argmax(1)
 
 
 def _train(model, opt, x, y, start, stop, batch=16):
@@ -92,8 +77,8 @@ def test_direction_equals_explicit_kronecker_inverse():
 def test_degenerate_equals_sgd_momentum():
     """No factor formed (max_factor_dim=1) and no decay: torch SGD(lr, mu)
     step for step, BN and biases included."""
-    x, y = _data()
-    ref = _cnn()
+    x, y = quadrant_task()
+    ref = small_cnn()
     model = copy.deepcopy(ref)
     opt = TNT(model.parameters(), model=model, lr=0.05, momentum=0.9,
               max_factor_dim=1, logits_module='7', stat_interval=1,
@@ -109,8 +94,8 @@ def test_sampled_gradient_is_extra_backward_and_main_grad_untouched():
     """G-bar from the logits hook equals the gradient of the cross-entropy of
     labels drawn from the softmax (same RNG), and the parameter .grad of the
     main backward is the plain one."""
-    x, y = _data(n=16)
-    model = _cnn()
+    x, y = quadrant_task(n=16)
+    model = small_cnn()
     ref = copy.deepcopy(model)
     opt = TNT(model.parameters(), model=model, logits_module='7')
     torch.manual_seed(7)
@@ -129,9 +114,9 @@ def test_sampled_gradient_is_extra_backward_and_main_grad_untouched():
 
 
 def test_tnt_and_tnt_ef_train_small_cnn():
-    x, y = _data()
+    x, y = quadrant_task()
     for cls, kw in ((TNT, dict(logits_module='7')), (TNT_EF, {})):
-        model = _cnn()
+        model = small_cnn()
         opt = cls(model.parameters(), model=model, lr=0.003, damping=0.1,
                   stat_interval=2, inv_interval=4, warm_start_iters=2, **kw)
         losses = _train(model, opt, x, y, 0, 40)
@@ -142,8 +127,8 @@ def test_tnt_and_tnt_ef_train_small_cnn():
 
 
 def test_warm_start_holds_parameters():
-    x, y = _data()
-    model = _cnn()
+    x, y = quadrant_task()
+    model = small_cnn()
     before = copy.deepcopy(model.state_dict())
     opt = TNT(model.parameters(), model=model, logits_module='7',
               warm_start_iters=3, stat_interval=5, inv_interval=7)
@@ -163,20 +148,20 @@ def test_warm_start_holds_parameters():
 
 
 def test_resume_equals_uninterrupted():
-    x, y = _data()
+    x, y = quadrant_task()
     kw = dict(lr=0.01, damping=0.1, stat_interval=2, inv_interval=3,
               warm_start_iters=1, weight_decay=0.01, logits_module='7')
-    full = _cnn()
+    full = small_cnn()
     opt = TNT(full.parameters(), model=full, **kw)
     torch.manual_seed(3)
     _train(full, opt, x, y, 0, 8)
-    first = _cnn()
+    first = small_cnn()
     opt1 = TNT(first.parameters(), model=first, **kw)
     torch.manual_seed(3)
     _train(first, opt1, x, y, 0, 4)
     rng = torch.get_rng_state()
     sd_model, sd_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt1.state_dict())
-    resumed = _cnn(seed=9)
+    resumed = small_cnn(seed=9)
     resumed.load_state_dict(sd_model)
     opt2 = TNT(resumed.parameters(), model=resumed, **kw)
     opt2.load_state_dict(sd_opt)
