@@ -256,8 +256,13 @@ class KBFGS(PrecondOptimizer):
 
     # ----------------------------------------------------------------- step
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients; a first pass whose step was skipped is dropped."""
-        if self.secant.records and self.capture.has_backward:
+        """Clear gradients; a first pass whose step was skipped is dropped.
+
+        Records with an output gradient still here were not consumed by
+        :meth:`step` (e.g. the AMP ``GradScaler`` skipped it); inputs of a
+        forward whose backward has not run yet are kept.
+        """
+        if any(r.g_sum is not None for r in self.secant.records.values()):
             self.secant.take()
         super().zero_grad(set_to_none=set_to_none)
 

@@ -167,3 +167,22 @@ def test_resume_equals_uninterrupted(cls):
             opt2.second_pass(closure)
     for p, q in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_skipped_step_drops_first_pass():
+    """A curvature-step forward/backward whose step() is skipped (AMP
+    overflow) must not leak into the next step's secant pair."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    opt = KBFGS(layer.parameters(), model=layer, lr=0.1, curvature_interval=1)
+    x = torch.randn(8, 4)
+    layer(x).sum().backward()
+    assert opt.secant.records['']
+    opt.zero_grad()  # the step was skipped
+    assert not opt.secant.records
+    out = layer(x)
+    opt.zero_grad()  # between forward and backward: inputs are kept
+    assert opt.secant.records[''].inputs
+    out.sum().backward()
+    opt.step()
+    assert opt.needs_second_pass
