@@ -14,7 +14,7 @@ import torch.nn as nn
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
-from ..curvature.capture import factor_dims
+from ..curvature.capture import factor_dims, gradient_matrix
 from ..curvature.factors import mean_update
 from ..distributed import all_reduce_sum_, world_size
 from .base import PrecondOptimizer, check_positive, check_unit_interval
@@ -173,6 +173,7 @@ class KBFGS(PrecondOptimizer):
         }
         self._lbfgs: Dict[str, CompactLBFGS] = {}
         self._first: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self._directions: Dict[str, Tensor] = {}
         self.needs_second_pass = False
         self._set_modes()
 
@@ -328,24 +329,54 @@ class KBFGS(PrecondOptimizer):
         """Unused: Gram statistics enter only in the warm start."""
 
     def update_preconditioners(self, step: int) -> None:
-        """Nothing per step: ``H_A, H_G`` change on curvature steps only."""
+        """Precondition every layer's gradient, batched by shape.
+
+        ``H_G (beta DW^ + DW) H_A`` for all layers at once: layers with the
+        same factor shapes are stacked into one ``bmm`` per side.  The
+        momentum is updated only where it stays finite (no device read).
+        :meth:`precondition` then hands out the results.
+        """
+        self._directions: Dict[str, Tensor] = {}
+        batches: Dict[tuple, List[Tuple[str, Tensor]]] = {}
+        for name, module in self.layers.items():
+            g = gradient_matrix(module)
+            if g is None:
+                continue
+            st = self._state(name)
+            key = (tuple(st['momentum'].shape), 'H_A' in st, 'H_G' in st,
+                   st['momentum'].device)
+            batches.setdefault(key, []).append((name, g))
+        for (_, has_a, has_g, _), items in batches.items():
+            names = [n for n, _ in items]
+            states = [self.layer_state[n] for n in names]
+            dev = states[0]['momentum'].device
+            betas = torch.tensor(
+                [self._group_of[id(self.layers[n].weight)]['momentum']
+                 for n in names], device=dev).view(-1, 1, 1)
+            old = torch.stack([st['momentum'] for st in states])
+            buf = old * betas + torch.stack([g.float() for _, g in items])
+            keep = torch.isfinite(buf).flatten(1).all(1).view(-1, 1, 1)
+            buf = torch.where(keep, buf, old)
+            damp = torch.tensor([self._dampings(n) for n in names],
+                                device=dev)  # (n, 2): lambda_A, lambda_G
+            if has_a:
+                out = torch.bmm(buf, torch.stack([st['H_A'] for st in states]))
+            else:
+                out = buf / damp[:, 0].view(-1, 1, 1)
+            if has_g:
+                out = torch.bmm(torch.stack([st['H_G'] for st in states]), out)
+            elif not any(n in self._lbfgs for n in names):
+                out = out / damp[:, 1].view(-1, 1, 1)
+            for j, (name, st) in enumerate(zip(names, states)):
+                st['momentum'] = buf[j].clone()
+                lb = self._lbfgs.get(name)
+                self._directions[name] = out[j] if lb is None else lb.apply(
+                    out[j])
 
     def precondition(self, name: str, module: nn.Module,
                      grad: Tensor) -> Optional[Tensor]:
-        """``H_G (beta DW^ + DW) H_A``; the momentum is kept only if finite."""
-        st = self._state(name)
-        lam_a, lam_g = self._dampings(name)
-        beta = self._group_of[id(module.weight)]['momentum']
-        buf = st['momentum'].mul(beta).add_(grad.float())
-        buf = torch.where(torch.isfinite(buf).all(), buf, st['momentum'])
-        st['momentum'] = buf
-        h_a = st.get('H_A')
-        out = buf @ h_a if h_a is not None else buf / lam_a
-        lb = self._lbfgs.get(name)
-        if lb is not None:
-            return lb.apply(out)
-        h_g = st.get('H_G')
-        return h_g @ out if h_g is not None else out / lam_g
+        """The direction :meth:`update_preconditioners` computed."""
+        return self._directions.pop(name, None)
 
     def base_step(self, directions: Dict[Tensor, Tensor]) -> None:
         """``W -= lr (p + wd W)``; non-preconditioned parameters take
