@@ -21,5 +21,6 @@ optim_wrapper = dict(
     paramwise_cfg=dict(norm_decay_mult=0.0))
 custom_hooks = [
     dict(type='SecondPassHook'),
+    dict(type='WarmStartHook'),
     dict(type='PrecondStatsHook', interval=50)
 ]

@@ -17,4 +17,4 @@ optim_wrapper = dict(
         weight_decay=5e-4,
         curvature_interval=20,
         warm_start_iters=5))
-custom_hooks = [dict(type='SecondPassHook')]
+custom_hooks = [dict(type='SecondPassHook'), dict(type='WarmStartHook')]

@@ -18,10 +18,11 @@ optim_wrapper = dict(
         momentum=0.9,
         curvature_interval=20,
         # the thesis forms A over the whole training set before training;
-        # here the first 50 iterations (6400 images) are statistics-only
+        # WarmStartHook uses the first 50 batches (6400 images)
         warm_start_iters=50))
 # the second forward/backward on the same minibatch every T iterations
 custom_hooks = [
     dict(type='SecondPassHook'),
+    dict(type='WarmStartHook'),
     dict(type='PrecondStatsHook', interval=100)
 ]

@@ -18,4 +18,7 @@ optim_wrapper = dict(
         inv_interval=100,
         warm_start_iters=5),
     paramwise_cfg=dict(norm_decay_mult=0.0))
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+custom_hooks = [
+    dict(type='WarmStartHook'),
+    dict(type='PrecondStatsHook', interval=50)
+]

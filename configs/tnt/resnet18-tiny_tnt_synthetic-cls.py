@@ -19,3 +19,4 @@ optim_wrapper = dict(
         inv_interval=20,
         logits_module='head',
         warm_start_iters=5))
+custom_hooks = [dict(type='WarmStartHook')]

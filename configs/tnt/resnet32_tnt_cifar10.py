@@ -21,6 +21,9 @@ optim_wrapper = dict(
         # sampled labels are drawn from the classifier head's logits
         logits_module='head',
         # the thesis initialises the factors over the whole training set;
-        # here over the first 50 iterations (statistics only)
+        # WarmStartHook uses the first 50 batches
         warm_start_iters=50))
-custom_hooks = [dict(type='PrecondStatsHook', interval=100)]
+custom_hooks = [
+    dict(type='WarmStartHook'),
+    dict(type='PrecondStatsHook', interval=100)
+]

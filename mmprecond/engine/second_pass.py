@@ -13,7 +13,8 @@ from mmengine.optim import OptimWrapperDict
 from mmengine.registry import HOOKS
 
 
-def _rng_state() -> Dict[str, Any]:
+def rng_state() -> Dict[str, Any]:
+    """Python, NumPy, torch (and initialised CUDA) RNG states."""
     state = dict(python=random.getstate(), numpy=np.random.get_state(),
                  torch=torch.get_rng_state())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -21,7 +22,8 @@ def _rng_state() -> Dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'])
@@ -29,7 +31,7 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def _norm_buffers(model: nn.Module) -> List[torch.Tensor]:
+def norm_buffers(model: nn.Module) -> List[torch.Tensor]:
     """Running statistics the second forward must not update twice."""
     out = []
     for m in model.modules():
@@ -131,7 +133,7 @@ class SecondPassHook(Hook):
         self._batch = self._rng = None
         if optimizer.is_curvature_step(optimizer.steps):
             self._batch = copy.deepcopy(data_batch)
-            self._rng = _rng_state()
+            self._rng = rng_state()
 
     def after_train_iter(self, runner, batch_idx: int,
                          data_batch: Optional[Any] = None,
@@ -146,8 +148,8 @@ class SecondPassHook(Hook):
             else runner.model
         batch, rng = self._batch, self._rng
         self._batch = self._rng = None
-        main_rng = _rng_state()
-        buffers = _norm_buffers(model)
+        main_rng = rng_state()
+        buffers = norm_buffers(model)
         saved = [b.clone() for b in buffers]
 
         def closure() -> torch.Tensor:
@@ -158,7 +160,7 @@ class SecondPassHook(Hook):
             self.last_loss = loss.detach()
             return loss
 
-        _set_rng_state(rng)
+        set_rng_state(rng)
         try:
             optimizer.second_pass(closure)
             self.passes += 1
@@ -166,4 +168,4 @@ class SecondPassHook(Hook):
             with torch.no_grad():
                 for b, v in zip(buffers, saved):
                     b.copy_(v)
-            _set_rng_state(main_rng)
+            set_rng_state(main_rng)

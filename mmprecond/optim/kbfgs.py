@@ -74,8 +74,11 @@ class KBFGS(PrecondOptimizer):
       before training.  Here ``warm_start_iters=N`` makes the first ``N``
       training iterations statistics-only (no parameter moves, no momentum):
       their input Gram matrices are averaged and ``H_A = (A + lambda_A
-      I)^-1`` is formed once, in fp64.  The cost is ``N`` iterations of
-      forward/backward.  With ``N = 0``, ``H_A`` starts at
+      I)^-1`` is formed once, in fp64.  In MMEngine,
+      :class:`~mmprecond.engine.WarmStartHook` makes those ``N`` calls on
+      the first ``N`` batches before training (cost: ``N``
+      forward/backward passes); without it the first ``N`` training
+      iterations are the warm start.  With ``N = 0``, ``H_A`` starts at
       ``lambda_A^-1 I``.
     * **The second pass** re-runs the loss on the same batch after the
       update (the :class:`~mmprecond.engine.SecondPassHook` does it in an

@@ -143,7 +143,9 @@ class TNT(Optimizer):
     * **Warm start.**  The thesis initialises ``G^(i)`` over the whole
       dataset.  ``warm_start_iters=N`` makes the first ``N`` iterations
       statistics-only (no parameter moves): their ``G^(i)`` are averaged and
-      the inverses formed; ``t`` then starts at 0.  Without a warm start the
+      the inverses formed; ``t`` then starts at 0
+      (:class:`~mmprecond.engine.WarmStartHook` makes those calls on the
+      first ``N`` batches before training).  Without a warm start the
       first statistics initialise ``G^(i)`` (instead of an EMA from zero)
       and the first refresh is at ``t = 0``.
     * A mode of size 1 is dropped, and a mode wider than ``max_factor_dim``
