@@ -473,6 +473,12 @@ class KBFGS(PrecondOptimizer):
         try:
             with torch.enable_grad():
                 loss = closure()
+                if not (isinstance(loss, Tensor) and loss.requires_grad):
+                    self.fallbacks.record(
+                        'second_pass_no_graph', 'the second-pass loss has no '
+                        'graph; no H_G update this time')
+                    self._first = {}
+                    return
                 weights = [m.weight for m in self.layers.values()]
                 torch.autograd.grad(loss, weights, allow_unused=True)
         finally:
