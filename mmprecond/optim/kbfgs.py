@@ -18,8 +18,7 @@ from ..curvature.capture import factor_dims, gradient_matrix
 from ..curvature.factors import mean_update
 from ..distributed import all_reduce_sum_, world_size
 from .base import PrecondOptimizer, check_positive, check_unit_interval
-from .bfgs_updates import (CompactLBFGS, bfgs_update, hessian_action,
-                           powell_lm_damping)
+from .bfgs_updates import CompactLBFGS, bfgs_update, hessian_action, powell_lm_damping
 from .secant import SecantRecord, SecantRecorder
 
 SECOND_PASS_MSG = (

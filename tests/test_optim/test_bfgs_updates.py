@@ -5,9 +5,14 @@ import torch
 import torch.nn as nn
 
 from mmprecond.curvature.capture import input_rows_gram
-from mmprecond.optim.bfgs_updates import (CompactLBFGS, bfgs_update,
-                                          hessian_action, layer_rows,
-                                          mean_patch_sum, powell_lm_damping)
+from mmprecond.optim.bfgs_updates import (
+    CompactLBFGS,
+    bfgs_update,
+    hessian_action,
+    layer_rows,
+    mean_patch_sum,
+    powell_lm_damping,
+)
 
 
 def _explicit_bfgs(H, s, y):
@@ -81,7 +86,7 @@ def test_double_damping_guarantees_curvature():
     with negative curvature, and the undamped pair passes unchanged."""
     gen = torch.Generator().manual_seed(2)
     mu1 = 0.2
-    for trial in range(200):
+    for _ in range(200):
         d = 5
         H = torch.linalg.inv(_spd(d, gen))
         s = torch.randn(d, generator=gen, dtype=torch.float64)

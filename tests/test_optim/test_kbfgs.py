@@ -20,7 +20,7 @@ def _train(model, opt, x, y, steps, batch=16):
         sl = slice((it * batch) % len(x), (it * batch) % len(x) + batch)
         xb, yb = x[sl], y[sl]
 
-        def closure():
+        def closure(xb=xb, yb=yb):
             return F.cross_entropy(model(xb), yb)
 
         loss = closure()
@@ -157,7 +157,7 @@ def test_resume_equals_uninterrupted(cls):
         sl = slice((it * 16) % 64, (it * 16) % 64 + 16)
         xb, yb = x[sl], y[sl]
 
-        def closure():
+        def closure(xb=xb, yb=yb):
             return F.cross_entropy(resumed(xb), yb)
 
         closure().backward()
