@@ -28,7 +28,8 @@ def test_second_pass_repeats_sampling(tiny_coco, tmp_path):
     """With a negligible step, the second pass re-runs the detector loss on
     the same batch with the same RPN/RoI sampling: the losses agree.  (Without
     the RNG restore, RandomSampler draws other RoIs and they do not.)"""
-    opt = dict(type='KBFGS', lr=1e-12, damping=1.0, curvature_interval=2)
+    opt = dict(type='KBFGS', lr=1e-12, damping=1.0, curvature_interval=2,
+               weight_decay=0.0)
     runner = Runner.from_cfg(kbfgs_cfg(tiny_coco, tmp_path, 4, opt))
     recorder = LossRecorder()
     runner.register_hook(recorder)
@@ -78,7 +79,7 @@ def test_kbfgs_trains_faster_rcnn(kind, tiny_coco, tmp_path):
 
 
 def test_refuses_gradient_accumulation(tiny_coco, tmp_path):
-    opt = dict(type='KBFGS', lr=0.01, damping=1.0)
+    opt = dict(type='KBFGS', lr=0.01, damping=1.0, weight_decay=0.0)
     runner = Runner.from_cfg(
         kbfgs_cfg(tiny_coco, tmp_path, 2, opt, accumulative_counts=2))
     with pytest.raises(RuntimeError, match='gradient accumulation'):
