@@ -44,7 +44,13 @@ def cls_cfg(name, data_root, work_dir, iters, flip=True):
 
 
 class FirstIterProbe(Hook):
-    """Parameters and BN buffers as the first training iteration sees them."""
+    """Parameters and BN buffers before the warm start (initialised) and as
+    the first training iteration sees them."""
+
+    priority = 'VERY_HIGH'
+
+    def before_train(self, runner) -> None:
+        self.init = copy.deepcopy(runner.model.state_dict())
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if runner.iter == 0:
@@ -60,7 +66,6 @@ def test_config_trains_classifier(name, tiny_cls, tmp_path):
     as they were at initialisation."""
     iters = 40
     runner = Runner.from_cfg(cls_cfg(name, tiny_cls, tmp_path, iters))
-    init = copy.deepcopy(runner.model.state_dict())
     recorder, probe = LossRecorder(), FirstIterProbe()
     runner.register_hook(recorder)
     runner.register_hook(probe)
@@ -68,7 +73,7 @@ def test_config_trains_classifier(name, tiny_cls, tmp_path):
     opt = runner.optim_wrapper.optimizer
     assert type(opt).__name__ == name
     assert probe.steps == opt.warm_start_iters > 0
-    for k, v in init.items():
+    for k, v in probe.init.items():
         assert torch.equal(probe.state[k], v), k
     losses = recorder.losses
     assert len(losses) == iters
