@@ -149,7 +149,15 @@ class CompactLBFGS:
         self._middle = None
 
     def push(self, s: Tensor, y: Tensor) -> None:
-        """Add a pair (the oldest is dropped when ``p`` are stored)."""
+        """Add a pair (the oldest is dropped when ``p`` are stored).
+
+        Each pair is stored divided by ``||s||`` (a BFGS update does not
+        change when ``s`` and ``y`` are scaled together), so tiny pairs keep
+        ``R`` well scaled, as in :func:`bfgs_update`.
+        """
+        norm = torch.linalg.vector_norm(s)
+        s = s / norm
+        y = y / norm
         if self.count == self.history:
             self.S = torch.roll(self.S, -1, 0)
             self.Y = torch.roll(self.Y, -1, 0)
@@ -183,9 +191,10 @@ class CompactLBFGS:
         k = self.count
         S = self.S[:k]
         Y = self.Y[:k]
-        left = torch.cat([S, Y * self.h0], 0)  # (2k, d) = [S^T; Y^T H0]
-        mid = self._middle_matrix().to(M.dtype)
-        return M * self.h0 + left.T @ (mid @ (left @ M))
+        left = torch.cat([S, Y * self.h0], 0).double()  # [S^T; Y^T H0]
+        mid = self._middle_matrix()
+        corr = left.T @ (mid @ (left @ M.double()))
+        return M * self.h0 + corr.to(M.dtype)
 
 
 def _conv_input(module: nn.Conv2d, x: Tensor) -> Tuple[Tensor, tuple, tuple]:

@@ -90,6 +90,11 @@ class KBFGS(PrecondOptimizer):
       call ever seen (detection images vary in size).
     * Layers with a side wider than ``max_factor_dim`` keep that side at
       ``lambda^-1 I`` (scaled identity).
+    * For a layer followed by BatchNorm the mean output gradient ``Dh-bar``
+      is zero in exact arithmetic (BN is invariant to a per-channel shift of
+      its input), so ``y_G`` is round-off and ``D_P D_LM`` turns the pair
+      into about ``(s, lambda_G s)``: ``H_G`` stays near ``lambda_G^-1 I``
+      there.  This is inherent to the method, not a fallback.
 
     With ``warm_start_iters=0``, no weight decay and fewer than
     ``curvature_interval`` steps, every parameter moves exactly like

@@ -4,11 +4,13 @@ import torch
 import torch.nn as nn
 
 
-def small_cnn(seed: int = 0) -> nn.Sequential:
-    """Conv + BN + ReLU, strided conv without bias, pooling, Linear head."""
+def small_cnn(seed: int = 0, bn: bool = True) -> nn.Sequential:
+    """Conv + BN + ReLU, strided conv without bias, pooling, Linear head
+    (``bn=False``: an identity instead of the BatchNorm)."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6) if bn else nn.Identity(), nn.ReLU(),
         nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
 

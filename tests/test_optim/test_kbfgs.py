@@ -186,3 +186,22 @@ def test_skipped_step_drops_first_pass():
     out.sum().backward()
     opt.step()
     assert opt.needs_second_pass
+
+
+def test_kbfgs_l_equals_kbfgs_until_history_is_full():
+    """With fewer curvature updates than stored pairs, the compact L-BFGS
+    H_G is the dense BFGS H_G (same H0 = lambda_G^-1 I): K-BFGS(L) and
+    K-BFGS train identically; with 1 pair they differ.  (Without BatchNorm:
+    a conv followed by BN has y_G = 0 up to round-off, so its pairs are
+    noise and two runs that differ by rounding drift apart.)"""
+    x, y = quadrant_task(n=64)
+    runs = {}
+    for key, cls, kw in (('dense', KBFGS, {}), ('lbfgs', KBFGS_L, dict(history=10)),
+                         ('short', KBFGS_L, dict(history=1))):
+        model = small_cnn(bn=False)
+        opt = cls(model.parameters(), model=model, lr=0.3, damping=1.0,
+                  curvature_interval=2, **kw)
+        _train(model, opt, x, y, 12)
+        runs[key] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(runs['lbfgs'], runs['dense'], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(runs['short'], runs['dense'], rtol=1e-3, atol=1e-4)
