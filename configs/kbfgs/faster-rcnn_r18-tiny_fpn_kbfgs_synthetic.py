@@ -4,7 +4,7 @@
 # Every 20 iterations SecondPassHook re-runs the detector's loss on the same
 # batch after the update (same RNG: same RPN/RoI sampling draws), for the
 # pre-activation secant pairs.  The thesis has no detection results; the
-# values below were chosen on this set (effective lr = lr / damping, close to
+# values below were picked by hand (effective lr = lr / damping, close to
 # mmdet's SGD 0.02 for the layers K-BFGS does not precondition).
 _base_ = '../demo/faster-rcnn_r18-tiny_fpn_adamw_synthetic.py'
 

@@ -2,7 +2,8 @@
 # synthetic shapes set; only the optimizer differs from
 # ../demo/resnet18-tiny_adamw_synthetic-cls.py.
 #   python tools/train.py configs/kbfgs/resnet18-tiny_kbfgs_synthetic-cls.py
-# Hyper-parameters tuned on this set (benchmarks/bench_thesis_cls.py); the
+# Hyper-parameters picked by hand, not searched (measured by
+# benchmarks/bench_thesis_cls.py); the
 # thesis' CIFAR values are in resnet32_kbfgs_cifar10.py.  The momentum is
 # g^ = 0.9 g^ + g (no 1 - 0.9), the effective lr is lr / damping.
 _base_ = '../demo/resnet18-tiny_adamw_synthetic-cls.py'

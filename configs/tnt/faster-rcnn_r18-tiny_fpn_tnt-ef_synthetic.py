@@ -2,7 +2,7 @@
 # trained with TNT-EF: the empirical-Fisher variant needs no sampled-label
 # backward, which a detector's losses (RPN, box regression) do not allow,
 # so it is the TNT that runs on detection.  The thesis has no detection
-# results; the values below were chosen on this set.
+# results; the values below were picked by hand, not searched.
 #   python tools/train.py configs/tnt/faster-rcnn_r18-tiny_fpn_tnt-ef_synthetic.py
 _base_ = '../demo/faster-rcnn_r18-tiny_fpn_adamw_synthetic.py'
 

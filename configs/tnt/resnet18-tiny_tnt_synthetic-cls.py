@@ -3,7 +3,8 @@
 # set; only the optimizer differs from
 # ../demo/resnet18-tiny_adamw_synthetic-cls.py.
 #   python tools/train.py configs/tnt/resnet18-tiny_tnt_synthetic-cls.py
-# Hyper-parameters tuned on this set (benchmarks/bench_thesis_cls.py); the
+# Hyper-parameters picked by hand, not searched (measured by
+# benchmarks/bench_thesis_cls.py); the
 # thesis' CIFAR values are in resnet32_tnt_cifar10.py.
 _base_ = '../demo/resnet18-tiny_adamw_synthetic-cls.py'
 
