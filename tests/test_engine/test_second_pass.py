@@ -24,6 +24,7 @@ def _second_pass_hook(runner):
     return next(h for h in runner.hooks if isinstance(h, SecondPassHook))
 
 
+@pytest.mark.slow
 def test_second_pass_repeats_sampling(tiny_coco, tmp_path):
     """With a negligible step, the second pass re-runs the detector loss on
     the same batch with the same RPN/RoI sampling: the losses agree.  (Without
