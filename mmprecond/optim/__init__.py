@@ -4,7 +4,9 @@ from .adamr import AdamR
 from .afopt import Ada_AFOpt, AFOpt
 from .base import PrecondOptimizer
 from .fsgd import FSGD, FAdam
+from .kbfgs import KBFGS, KBFGS_L
 from .nkfac import KFAC, NKFAC, AdaNKFAC
+from .tnt import TNT, TNT_EF
 
 __all__ = ['PrecondOptimizer', 'NKFAC', 'AdaNKFAC', 'KFAC', 'AdamR', 'FSGD', 'FAdam',
-           'AFOpt', 'Ada_AFOpt']
+           'AFOpt', 'Ada_AFOpt', 'KBFGS', 'KBFGS_L', 'TNT', 'TNT_EF']

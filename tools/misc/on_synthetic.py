@@ -214,7 +214,14 @@ def replace_dataset(dataset: dict, synthetic: dict, factor: float) -> None:
     leaf.update({k: copy.deepcopy(synthetic[k])
                  for k in DATA_KEYS if k in synthetic})
     leaf.update(kept)
-    leaf['pipeline'] = scale_sizes(leaf.get('pipeline', []), factor)
+    pipeline = list(leaf.get('pipeline', []))
+    if pipeline and not any(
+            str(t.get('type', '')).startswith('Load') for t in pipeline
+            if isinstance(t, dict)):
+        # in-memory datasets (CIFAR, MNIST) load nothing; the synthetic
+        # images are files
+        pipeline.insert(0, dict(type='LoadImageFromFile'))
+    leaf['pipeline'] = scale_sizes(pipeline, factor)
 
 
 def _set_evaluator_ann(evaluator: Any, ann_file: str) -> None:

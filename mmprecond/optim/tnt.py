@@ -1,0 +1,451 @@
+# Copyright (c) mmprecond contributors. All rights reserved.
+"""TNT and TNT-EF: tensor-normal training.
+
+Yi Ren, "Efficient Second-Order Methods for Training Neural Networks", PhD
+thesis, Columbia University, 2022, Chapter 4 (Algorithm 15); Ren and
+Goldfarb, "Tensor Normal Training for Deep Learning Models", NeurIPS 2021.
+"""
+import math
+import time
+import weakref
+from collections import Counter
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.registry import OPTIMIZERS
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..distributed import all_reduce_sum_, world_size
+from ..logging import FallbackLog
+from .base import check_positive, check_unit_interval
+
+
+def tensor_modes(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The tensor shape TNT factorises a parameter as.
+
+    A conv weight ``(C_out, C_in, k1, k2)`` is the 3-way tensor
+    ``(C_out, C_in, k1 k2)``; a weight of more dimensions keeps its first
+    two and merges the rest; a matrix or a vector (bias, BatchNorm) is
+    itself.
+
+    Example:
+        >>> tensor_modes((64, 32, 3, 3))
+        (64, 32, 9)
+    """
+    if len(shape) <= 2:
+        return tuple(shape)
+    return shape[0], shape[1], math.prod(shape[2:])
+
+
+def mode_gram(g: Tensor, i: int) -> Tensor:
+    """``mat_i(g) mat_i(g)^T``: ``g`` unfolded along mode ``i`` (fp32 or
+    fp64)."""
+    m = g.movedim(i, 0).reshape(g.shape[i], -1)
+    if m.dtype != torch.float64:
+        m = m.float()
+    return m @ m.T
+
+
+def trace_equalized(grams: Dict[int, Tensor], sq_norm: Tensor,
+                    dims: Tuple[int, ...]) -> Dict[int, Tensor]:
+    """Thesis Eq. 4.10: factors ``U~_i`` with equal average eigenvalue.
+
+    With ``k`` factored modes, ``D = prod(dims)`` and
+    ``c0 = (||G||_F^2 / D)^(1/k)``,
+    ``U~_i = E[G^(i)] / (c0^(k-1) D / d_i)``: every ``tr(U~_i) / d_i`` is
+    ``c0`` and the Kronecker product (identity on unfactored modes) has the
+    trace ``E||G||_F^2`` of the Fisher block it models.
+
+    Args:
+        grams (dict[int, Tensor]): ``E[mat_i(G) mat_i(G)^T]`` per factored
+            mode ``i``.
+        sq_norm (Tensor): ``E||G||_F^2`` (0-dim).
+        dims (tuple[int]): All mode sizes of the tensor.
+    """
+    k = len(grams)
+    total = math.prod(dims)
+    c0 = (sq_norm / total).clamp_min(1e-30)**(1.0 / k)
+    return {
+        i: g / (c0**(k - 1) * (total / dims[i]))
+        for i, g in grams.items()
+    }
+
+
+class _SampledGradHook:
+    """Forward hook on the logits module: sampled-label gradient ``G-bar``."""
+
+    def __init__(self, optimizer: 'TNT') -> None:
+        self.opt_ref = weakref.ref(optimizer)
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        opt = self.opt_ref()
+        if opt is None or not opt.sampling_active:
+            return
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(logits, Tensor) or not logits.requires_grad:
+            return
+        if logits.dim() != 2:
+            raise RuntimeError(
+                f'TNT samples labels from a (batch, classes) output, but '
+                f"'{opt.logits_module}' returned shape {tuple(logits.shape)}; "
+                'point `logits_module` at the classifier head, or use TNT_EF.')
+        with torch.no_grad():
+            probs = torch.softmax(logits.detach().float(), dim=1)
+            # a diverged row samples uniformly (its gradient is non-finite
+            # and is kept out of the statistics); no device read here
+            ok = torch.isfinite(probs).all(dim=1, keepdim=True)
+            probs = torch.where(ok, probs, torch.ones_like(probs))
+            labels = torch.multinomial(probs, 1).squeeze(1)
+        loss = F.cross_entropy(logits.float(), labels)
+        params = opt.fisher_params
+        grads = torch.autograd.grad(loss, params, retain_graph=True,
+                                    allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            prev = opt.sampled_grads.get(p)
+            opt.sampled_grads[p] = g if prev is None else prev + g
+
+
+@OPTIMIZERS.register_module()
+class TNT(Optimizer):
+    r"""TNT: tensor-normal training (Ren 2022, thesis Algorithm 15).
+
+    Model-agnostic: every parameter tensor (weight and bias separately,
+    BatchNorm included) is preconditioned by the inverse of a tensor-normal
+    model of its Fisher block, ``F ~ U_1 (x) ... (x) U_k``, estimated from
+    sampled-label gradients ``G-bar`` (minibatch mean; ``y ~ p(y|x)``)::
+
+        mu = 0.9 (momentum), beta = 0.9 (statistics EMA)
+        for t:
+            forward/backward -> grad
+            if t % T1 == 0: extra backward with sampled labels -> G-bar
+                G^(i) = beta G^(i) + (1-beta) mat_i(G-bar) mat_i(G-bar)^T
+            grad^ = mu grad^ + grad                       # no (1 - mu)
+            if t % T2 == 0: U~_i by trace equalisation (Eq. 4.10);
+                            Q_i = (U~_i + eps I)^-1
+            p = grad^ x_1 Q_1 ... x_k Q_k;  p += wd W;  W -= lr p
+
+    A conv weight is the 3-way tensor ``(C_out, C_in, k1 k2)``.  The extra
+    backward needs no second forward: a forward hook on the classifier
+    output (``logits_module``) draws labels from the softmax and takes the
+    gradient of their cross-entropy with ``retain_graph``, before the main
+    backward runs.  That needs a categorical likelihood (classifiers);
+    detection losses have none, use :class:`TNT_EF` there.
+
+    Choices where the thesis leaves room (documented, tested):
+
+    * **Warm start.**  The thesis initialises ``G^(i)`` over the whole
+      dataset.  ``warm_start_iters=N`` makes the first ``N`` iterations
+      statistics-only (no parameter moves): their ``G^(i)`` are averaged and
+      the inverses formed; ``t`` then starts at 0
+      (:class:`~mmprecond.engine.WarmStartHook` makes those calls on the
+      first ``N`` batches before training).  Without a warm start the
+      first statistics initialise ``G^(i)`` (instead of an EMA from zero)
+      and the first refresh is at ``t = 0``.
+    * A mode of size 1 is dropped, and a mode wider than ``max_factor_dim``
+      is left unpreconditioned (identity); trace equalisation then runs over
+      the factored modes with the Fisher trace kept.  With every mode
+      unfactored (``max_factor_dim=1``, no weight decay) TNT is exactly
+      ``torch.optim.SGD(lr, momentum=mu)``; the tests check it.
+    * Inverses by Cholesky in fp64 (the thesis uses a plain inverse).
+
+    Args:
+        params (Iterable): Parameters or groups.
+        model (nn.Module): The model; needed for the sampled-label hook.
+        lr (float): ``alpha``.  Thesis' best for CIFAR ResNet-32: 1e-4 with
+            ``weight_decay=10`` and ``damping=0.01``.
+        momentum (float): ``mu``. Defaults to 0.9.
+        stat_decay (float): ``beta``. Defaults to 0.9.
+        damping (float): ``eps``. Defaults to 0.01.
+        weight_decay (float): ``gamma``, added after preconditioning.
+        stat_interval (int): ``T1``. Defaults to 10.
+        inv_interval (int): ``T2``. Defaults to 100.
+        warm_start_iters (int): Statistics-only iterations before training.
+        max_factor_dim (int): Widest mode that gets a factor.
+        fisher (str): ``'sampled'`` (TNT) or ``'empirical'`` (TNT-EF: the
+            minibatch gradient itself is ``G-bar``).
+        logits_module (str): Name of the submodule whose output is the
+            ``(batch, classes)`` logits (``'head'`` for mmpretrain
+            classifiers, e.g. ``'fc'`` for a torchvision ResNet).
+
+    Attributes:
+        fallbacks (FallbackLog): Counted fallbacks (failed inverses).
+        phase_seconds (Counter): Host time in ``'statistics'``,
+            ``'refresh'`` and ``'precondition'`` (incl. the base update).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> opt = TNT(model.parameters(), model=model, lr=0.01,
+        ...           logits_module='2', stat_interval=1, inv_interval=1)
+        >>> F.cross_entropy(model(torch.randn(5, 4)),
+        ...                 torch.tensor([0, 1, 2, 0, 1])).backward()
+        >>> opt.step()
+    """
+
+    requires_model = True
+    fisher_default = 'sampled'
+
+    def __init__(self,
+                 params: Iterable,
+                 model: Optional[nn.Module] = None,
+                 lr: float = 1e-4,
+                 momentum: float = 0.9,
+                 stat_decay: float = 0.9,
+                 damping: float = 0.01,
+                 weight_decay: float = 0.0,
+                 stat_interval: int = 10,
+                 inv_interval: int = 100,
+                 warm_start_iters: int = 0,
+                 max_factor_dim: int = 4096,
+                 fisher: Optional[str] = None,
+                 logits_module: str = 'head') -> None:
+        check_positive('lr', lr)
+        check_unit_interval('momentum', momentum)
+        check_unit_interval('stat_decay', stat_decay)
+        check_positive('damping', damping)
+        check_positive('weight_decay', weight_decay, allow_zero=True)
+        for name, v in (('stat_interval', stat_interval),
+                        ('inv_interval', inv_interval),
+                        ('max_factor_dim', max_factor_dim)):
+            if int(v) < 1:
+                raise ValueError(f'Invalid {name}: {v} (>= 1)')
+        if int(warm_start_iters) < 0:
+            raise ValueError(f'Invalid warm_start_iters: {warm_start_iters}')
+        fisher = fisher or self.fisher_default
+        if fisher not in ('sampled', 'empirical'):
+            raise ValueError(f"Invalid fisher: {fisher!r} ('sampled' or "
+                             "'empirical')")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.stat_decay = float(stat_decay)
+        self.damping = float(damping)
+        self.stat_interval = int(stat_interval)
+        self.inv_interval = int(inv_interval)
+        self.warm_start_iters = int(warm_start_iters)
+        self.max_factor_dim = int(max_factor_dim)
+        self.fisher = fisher
+        self.logits_module = logits_module
+        self.fallbacks = FallbackLog(type(self).__name__)
+        self.phase_seconds: Counter = Counter()
+        self.steps = 0
+        self.fisher_params: List[Tensor] = [
+            p for g in self.param_groups for p in g['params'] if p.requires_grad
+        ]
+        self.sampled_grads: Dict[Tensor, Tensor] = {}
+        self._handle = None
+        if fisher == 'sampled':
+            if model is None:
+                raise TypeError(
+                    'TNT draws sampled labels from the model output and needs '
+                    '`model` (the mmprecond constructor passes it: '
+                    "constructor='PrecondOptimWrapperConstructor'); or use "
+                    'TNT_EF, which needs no model.')
+            try:
+                head = model.get_submodule(logits_module)
+            except AttributeError as err:
+                raise ValueError(
+                    f"logits_module='{logits_module}' is not a submodule of "
+                    f'{type(model).__name__}') from err
+            self._handle = head.register_forward_hook(_SampledGradHook(self))
+        self.sampling_active = self._is_stat_step(0)
+
+    # -------------------------------------------------------------- schedule
+    def _k(self, t: int) -> int:
+        return t - self.warm_start_iters
+
+    def _is_stat_step(self, t: int) -> bool:
+        k = self._k(t)
+        return k < 0 or k % self.stat_interval == 0
+
+    def _is_refresh_step(self, t: int) -> bool:
+        k = self._k(t)
+        return k >= 0 and k % self.inv_interval == 0
+
+    def factored_modes(self, p: Tensor) -> Tuple[Tuple[int, ...], List[int]]:
+        """``(dims, factored mode indices)`` of a parameter."""
+        dims = tensor_modes(tuple(p.shape))
+        modes = [i for i, d in enumerate(dims) if 1 < d <= self.max_factor_dim]
+        return dims, modes
+
+    # ------------------------------------------------------------------ step
+    def _fisher_grads(self) -> Dict[Tensor, Tensor]:
+        if self.fisher == 'empirical':
+            out = {p: p.grad for p in self.fisher_params if p.grad is not None}
+        else:
+            out, self.sampled_grads = self.sampled_grads, {}
+        if world_size() > 1 and self.fisher == 'sampled':
+            tensors = [out.get(p, torch.zeros_like(p)) for p in self.fisher_params]
+            all_reduce_sum_(tensors)
+            world = world_size()
+            out = {p: t / world for p, t in zip(self.fisher_params, tensors)}
+        return out
+
+    def _fold(self, grads: Dict[Tensor, Tensor], warm: bool) -> None:
+        beta = self.stat_decay
+        for p, g in grads.items():
+            dims, modes = self.factored_modes(p)
+            if not modes:
+                continue
+            st = self.state[p]
+            g = g.detach().reshape(dims).float()
+            new = {i: mode_gram(g, i) for i in modes}
+            sq = g.pow(2).sum()
+            finite = torch.isfinite(sq)
+            count = int(st.get('stat_count', 0))
+            if count == 0:
+                w = 1.0
+            elif warm:
+                w = 1.0 / (count + 1)  # running mean over the warm start
+            else:
+                w = 1.0 - beta
+            for i, gram in new.items():
+                key = f'G{i}'
+                old = st.get(key, torch.zeros_like(gram))
+                st[key] = torch.where(finite, old + w * (gram - old), old)
+            old_sq = st.get('sq_norm', torch.zeros_like(sq))
+            st['sq_norm'] = torch.where(finite, old_sq + w * (sq - old_sq), old_sq)
+            st['stat_count'] = count + 1
+
+    def _refresh(self) -> None:
+        for p in self.fisher_params:
+            st = self.state.get(p)
+            if not st or 'sq_norm' not in st:
+                continue
+            dims, modes = self.factored_modes(p)
+            grams = {i: st[f'G{i}'] for i in modes}
+            factors = trace_equalized(grams, st['sq_norm'], dims)
+            for i, u in factors.items():
+                a = u.double() + self.damping * torch.eye(
+                    u.shape[0], dtype=torch.float64, device=u.device)
+                chol, info = torch.linalg.cholesky_ex(a)
+                if int(info) != 0 or not bool(torch.isfinite(a).all()):
+                    self.fallbacks.record(
+                        'inverse_failed', 'a TNT factor is not positive '
+                        'definite or not finite; its previous inverse is kept')
+                    continue
+                st[f'Q{i}'] = torch.cholesky_inverse(chol).float()
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """One TNT step (statistics only during the warm start)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t = self.steps
+        warm = self._k(t) < 0
+        clock = time.perf_counter()
+        if self._is_stat_step(t):
+            self._fold(self._fisher_grads(), warm)
+        self.sampled_grads = {}
+        now = time.perf_counter()
+        self.phase_seconds['statistics'] += now - clock
+        if (warm and self._k(t + 1) == 0) or (not warm
+                                              and self._is_refresh_step(t)):
+            self._refresh()
+        clock = time.perf_counter()
+        self.phase_seconds['refresh'] += clock - now
+        if not warm:
+            self._update()
+            self.phase_seconds['precondition'] += time.perf_counter() - clock
+        self.steps = t + 1
+        self.sampling_active = self._is_stat_step(self.steps)
+        return loss
+
+    def _update(self) -> None:
+        for group in self.param_groups:
+            lr, mu, wd = group['lr'], group['momentum'], group['weight_decay']
+            params, bufs, grads = [], [], []
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError('TNT does not support sparse gradients')
+                st = self.state[p]
+                if 'momentum_buffer' not in st:
+                    st['momentum_buffer'] = torch.zeros_like(p)
+                params.append(p)
+                bufs.append(st['momentum_buffer'])
+                grads.append(p.grad)
+            if not params:
+                continue
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            dirs = self._precondition_all(params, bufs)
+            if wd != 0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, dirs, alpha=-lr)
+
+    def _precondition_all(self, params: List[Tensor],
+                          bufs: List[Tensor]) -> List[Tensor]:
+        """``buf x_1 Q_1 ... x_k Q_k`` for every parameter; tensors of the
+        same shape and factored modes are stacked into batched matmuls."""
+        dirs: List[Tensor] = list(bufs)
+        batches: Dict[tuple, List[int]] = {}
+        for n, p in enumerate(params):
+            st = self.state[p]
+            dims, modes = self.factored_modes(p)
+            have = tuple(i for i in modes if f'Q{i}' in st)
+            if have:
+                batches.setdefault((dims, have, p.dtype, p.device), []).append(n)
+        for (dims, have, dtype, _), idx in batches.items():
+            out = torch.stack([bufs[n].reshape(dims) for n in idx]).float()
+            for i in have:
+                q = torch.stack([self.state[params[n]][f'Q{i}'] for n in idx])
+                moved = out.movedim(i + 1, 1)
+                shape = moved.shape
+                prod = torch.bmm(q, moved.reshape(shape[0], shape[1], -1))
+                out = prod.reshape(shape).movedim(1, i + 1)
+            for j, n in enumerate(idx):
+                dirs[n] = out[j].reshape(params[n].shape).to(dtype)
+        return dirs
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> Dict[str, Any]:
+        """torch state (momentum, factors, inverses) plus the step counter."""
+        sd = super().state_dict()
+        sd['tnt_steps'] = self.steps
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        steps = state_dict.pop('tnt_steps', None)
+        super().load_state_dict(state_dict)
+        if steps is None:
+            self.fallbacks.record('missing_tnt_steps', 'checkpoint without the '
+                                  'TNT step counter; counting from 0')
+            steps = 0
+        self.steps = int(steps)
+        self.sampled_grads = {}
+        self.sampling_active = self._is_stat_step(self.steps)
+
+    def __del__(self) -> None:
+        if getattr(self, '_handle', None) is not None:
+            self._handle.remove()
+
+
+@OPTIMIZERS.register_module()
+class TNT_EF(TNT):  # noqa: N801 (the thesis' name)
+    """TNT-EF: :class:`TNT` with the empirical Fisher.
+
+    The statistics come from the minibatch gradient itself (``G-bar =
+    grad``), so there is no sampled-label backward and no model is needed:
+    the variant that works for any loss, detection losses included (thesis
+    Section 4.7 compares it with KFAC-EF).
+
+    Example:
+        >>> model = nn.Linear(4, 3)
+        >>> opt = TNT_EF(model.parameters(), lr=0.01)
+    """
+
+    requires_model = False
+    fisher_default = 'empirical'
+
+
+__all__ = ['TNT', 'TNT_EF', 'trace_equalized', 'tensor_modes']
