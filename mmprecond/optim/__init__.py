@@ -5,6 +5,7 @@ from .afopt import Ada_AFOpt, AFOpt
 from .base import PrecondOptimizer
 from .fsgd import FSGD, FAdam
 from .nkfac import KFAC, NKFAC, AdaNKFAC
+from .sgd_ph import SGD_PH
 
 __all__ = ['PrecondOptimizer', 'NKFAC', 'AdaNKFAC', 'KFAC', 'AdamR', 'FSGD', 'FAdam',
-           'AFOpt', 'Ada_AFOpt']
+           'AFOpt', 'Ada_AFOpt', 'SGD_PH']
