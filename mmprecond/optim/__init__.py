@@ -1,11 +1,13 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """Preconditioned optimizers, registered in MMEngine's root ``OPTIMIZERS``."""
+from .adabk import SGDM_BK, AdamW_BK
 from .adamr import AdamR
 from .afopt import Ada_AFOpt, AFOpt
 from .base import PrecondOptimizer
 from .fsgd import FSGD, FAdam
 from .nkfac import KFAC, NKFAC, AdaNKFAC
 from .sgd_ph import SGD_PH
+from .shampoo import Shampoo
 
 __all__ = ['PrecondOptimizer', 'NKFAC', 'AdaNKFAC', 'KFAC', 'AdamR', 'FSGD', 'FAdam',
-           'AFOpt', 'Ada_AFOpt', 'SGD_PH']
+           'AFOpt', 'Ada_AFOpt', 'SGD_PH', 'SGDM_BK', 'AdamW_BK', 'Shampoo']

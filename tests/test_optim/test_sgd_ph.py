@@ -1,15 +1,10 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 import io
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmprecond.optim import SGD_PH
 
@@ -183,44 +178,3 @@ def test_loss_decreases():
     assert losses[-1] < 0.5 * losses[0]
     assert all(opt.state[p]['hessian_diag'].gt(0).all()
                for p in opt.partial_hessian.params)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, steps, path):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = norm_net(norm='gn')
-    ddp = DDP(model)
-    opt = SGD_PH(model.parameters(), model=model, lr=0.05, weight_decay=1e-3)
-    for x, y in batches(steps):
-        opt.zero_grad()
-        out = ddp(x.chunk(world)[rank])
-        # summed over the rank's rows / global rows, times world: DDP's
-        # gradient mean is the gradient of the concatenated batch
-        loss = F.cross_entropy(out, y.chunk(world)[rank], reduction='sum')
-        loss = loss * world / len(x)
-        opt.prepare_hessian(loss)  # DDP rejects backward(create_graph=True)
-        loss.backward()
-        opt.step()
-    if rank == 0:
-        torch.save([p.detach() for p in model.parameters()], path)
-    dist.destroy_process_group()
-
-
-def test_ddp_equals_single_process(tmp_path):
-    steps, path = 5, str(tmp_path / 'p.pt')
-    mp.spawn(_ddp_worker, args=(2, _free_port(), steps, path), nprocs=2, join=True)
-    got = torch.load(path)
-    model = norm_net(norm='gn')
-    opt = SGD_PH(model.parameters(), model=model, lr=0.05, weight_decay=1e-3)
-    run(model, opt, batches(steps))
-    assert all(opt.state[p]['hessian_diag'].any()
-               for p in opt.partial_hessian.params)
-    for a, b in zip(got, model.parameters()):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-6)
