@@ -1,6 +1,7 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """Preconditioned optimizers, registered in MMEngine's root ``OPTIMIZERS``."""
 from .adabk import SGDM_BK, AdamW_BK
+from .adafisher import AdaFisher, AdaFisherW
 from .adamr import AdamR
 from .afopt import Ada_AFOpt, AFOpt
 from .base import PrecondOptimizer
@@ -10,4 +11,5 @@ from .sgd_ph import SGD_PH
 from .shampoo import Shampoo
 
 __all__ = ['PrecondOptimizer', 'NKFAC', 'AdaNKFAC', 'KFAC', 'AdamR', 'FSGD', 'FAdam',
-           'AFOpt', 'Ada_AFOpt', 'SGD_PH', 'SGDM_BK', 'AdamW_BK', 'Shampoo']
+           'AFOpt', 'Ada_AFOpt', 'SGD_PH', 'SGDM_BK', 'AdamW_BK', 'Shampoo',
+           'AdaFisher', 'AdaFisherW']

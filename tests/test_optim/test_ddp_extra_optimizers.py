@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mmprecond.optim import SGD_PH, SGDM_BK, AdamW_BK, Shampoo
+from mmprecond.optim import SGD_PH, SGDM_BK, AdaFisher, AdaFisherW, AdamW_BK, Shampoo
 
 OPTIMS = {
     'SGD_PH': (SGD_PH, dict(lr=0.05, weight_decay=1e-3)),
@@ -20,6 +20,9 @@ OPTIMS = {
     'AdamW_BK': (AdamW_BK, dict(lr=1e-2, weight_decay=0.05, stat_interval=1,
                                 inv_interval=2)),
     'Shampoo': (Shampoo, dict(lr=0.05, weight_decay=1e-3, inv_interval=2)),
+    'AdaFisher': (AdaFisher, dict(lr=1e-3, weight_decay=1e-3, stat_interval=1)),
+    'AdaFisherW-paper': (AdaFisherW, dict(lr=1e-4, weight_decay=0.05,
+                                          stat_interval=2, statistics='paper')),
 }
 
 
@@ -88,6 +91,8 @@ def test_ddp_equals_single_process_on_concatenated_batch(name, tmp_path):
     if name == 'SGD_PH':
         assert all(opt.state[p]['hessian_diag'].any()
                    for p in opt.partial_hessian.params)
+    elif name.startswith('AdaFisher'):
+        assert set(opt.layer_state) == {'0', '1', '4'}
     else:
         assert {'L_inv', 'R_inv'} <= set(opt.layer_state['4'])
     single = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
