@@ -11,7 +11,8 @@ import torch.nn as nn
 from mmengine.registry import OPTIMIZERS
 
 from ..inverse_root import inverse_roots
-from .base import check_positive, check_unit_interval
+from .base import check_positive
+from .defaults import adamw_defaults, sgdm_defaults
 from .nkfac import DEFAULT_MAX_FACTOR_DIM, _KroneckerInverse
 
 
@@ -158,13 +159,7 @@ class SGDM_BK(_KroneckerRoot):
                  stat_decay: float = 0.9,
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> None:
-        check_positive('lr', lr, allow_zero=True)
-        check_positive('momentum', momentum, allow_zero=True)
-        check_positive('weight_decay', weight_decay, allow_zero=True)
-        if nesterov and momentum <= 0:
-            raise ValueError('nesterov momentum requires momentum > 0')
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        nesterov=nesterov)
+        defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
         super().__init__(params, defaults, model, 'sgdm', stat_interval,
                          inv_interval, damping, relative_damping, ns_iters,
                          stat_decay, grad_norm_recovery, max_factor_dim)
@@ -224,13 +219,7 @@ class AdamW_BK(_KroneckerRoot):
                  stat_decay: float = 0.9,
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> None:
-        check_positive('lr', lr, allow_zero=True)
-        check_positive('eps', eps, allow_zero=True)
-        check_positive('weight_decay', weight_decay, allow_zero=True)
-        check_unit_interval('betas[0]', betas[0])
-        check_unit_interval('betas[1]', betas[1])
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps,
-                        weight_decay=weight_decay)
+        defaults = adamw_defaults(lr, betas, eps, weight_decay)
         super().__init__(params, defaults, model, 'adamw', stat_interval,
                          inv_interval, damping, relative_damping, ns_iters,
                          stat_decay, grad_norm_recovery, max_factor_dim)

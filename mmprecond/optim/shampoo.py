@@ -15,7 +15,7 @@ from mmengine.registry import OPTIMIZERS
 from ..curvature.capture import gradient_matrix
 from ..curvature.factors import BatchStatistics, ema_update
 from .adabk import _KroneckerRoot, _raw
-from .base import check_positive
+from .defaults import sgdm_defaults
 from .nkfac import DEFAULT_MAX_FACTOR_DIM
 
 
@@ -94,15 +94,9 @@ class Shampoo(_KroneckerRoot):
                  stat_decay: float = 0.99,
                  grafting: str = 'sgd',
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> None:
-        check_positive('lr', lr, allow_zero=True)
-        check_positive('momentum', momentum, allow_zero=True)
-        check_positive('weight_decay', weight_decay, allow_zero=True)
-        if nesterov and momentum <= 0:
-            raise ValueError('nesterov momentum requires momentum > 0')
         if grafting not in ('sgd', 'none'):
             raise ValueError(f"Invalid grafting: {grafting!r} ('sgd' or 'none')")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        nesterov=nesterov)
+        defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
         super().__init__(params, defaults, model, 'sgdm', stat_interval,
                          inv_interval, damping, relative_damping, ns_iters,
                          stat_decay, grafting == 'sgd', max_factor_dim)

@@ -1,39 +1,14 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """SGDM_BK, AdamW_BK and Shampoo: the inverse-root Kronecker optimizers."""
-import io
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from resume_check import assert_resume_equals_uninterrupted
+from test_nkfac import batches, groups, run, tiny_net
+
 from mmprecond.optim import SGDM_BK, AdamW_BK, Shampoo
-
-
-def tiny_net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True),
-                         nn.Conv2d(6, 4, 3, stride=2), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 3 * 3, 5))
-
-
-def batches(n, seed=1, size=8):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 8, 8, generator=g),
-             torch.randint(0, 5, (size, ), generator=g)) for _ in range(n)]
-
-
-def groups(model):
-    decay = [p for n, p in model.named_parameters() if n.endswith('weight')]
-    no_decay = [p for n, p in model.named_parameters() if n.endswith('bias')]
-    return [dict(params=decay), dict(params=no_decay, weight_decay=0.0, lr=0.03)]
-
-
-def run(model, opt, data):
-    for x, y in data:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 SGD_LIKE = [(SGDM_BK, {}), (Shampoo, {})]
@@ -152,26 +127,10 @@ CASES = [(SGDM_BK, dict(lr=0.05, weight_decay=1e-3)),
 
 @pytest.mark.parametrize('cls,kw', CASES)
 def test_resume_equals_uninterrupted(cls, kw):
-    data = batches(12)
     hp = dict(stat_interval=2, inv_interval=3, **kw)
-    ref = tiny_net()
-    opt_ref = cls(ref.parameters(), model=ref, **hp)
-    run(ref, opt_ref, data)
-    first = tiny_net()
-    opt1 = cls(first.parameters(), model=first, **hp)
-    run(first, opt1, data[:7])
-    buf = io.BytesIO()
-    torch.save(dict(model=first.state_dict(), optim=opt1.state_dict()), buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    second = tiny_net(seed=123)
-    second.load_state_dict(ckpt['model'])
-    opt2 = cls(second.parameters(), model=second, **hp)
-    opt2.load_state_dict(ckpt['optim'])
-    assert opt2.steps == 7
-    run(second, opt2, data[7:])
-    for pa, pb in zip(ref.parameters(), second.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+    opt = assert_resume_equals_uninterrupted(
+        tiny_net, lambda m: cls(m.parameters(), model=m, **hp), run, batches(12), 7)
+    assert opt.steps == 12
 
 
 @pytest.mark.parametrize('cls,kw', CASES)

@@ -1,7 +1,6 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
-"""Real 2-process gloo DDP runs of SGD_PH, SGDM_BK, AdamW_BK and Shampoo."""
+"""Real 2-process gloo DDP runs of SGD_PH, SGDM_BK, AdamW_BK, Shampoo and AdaFisher(W)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from test_distributed import free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmprecond.optim import SGD_PH, SGDM_BK, AdaFisher, AdaFisherW, AdamW_BK, Shampoo
@@ -69,12 +69,6 @@ def worker(rank, world, port, name, steps, path):
     if rank == 0:
         torch.save(gathered, path)
     dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize('name', list(OPTIMS))

@@ -1,10 +1,10 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
-import io
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from resume_check import assert_resume_equals_uninterrupted
 
 from mmprecond.optim import SGD_PH
 
@@ -142,26 +142,10 @@ def test_all_1d_scope_follows_authors_code():
 
 
 def test_resume_equals_uninterrupted():
-    data = batches(9)
     hp = dict(lr=0.05, weight_decay=1e-3)
-    ref = norm_net()
-    opt_ref = SGD_PH(ref.parameters(), model=ref, **hp)
-    run(ref, opt_ref, data)
-    first = norm_net()
-    opt1 = SGD_PH(first.parameters(), model=first, **hp)
-    run(first, opt1, data[:5])
-    buf = io.BytesIO()
-    torch.save(dict(model=first.state_dict(), optim=opt1.state_dict()), buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    second = norm_net(seed=7)
-    second.load_state_dict(ckpt['model'])
-    opt2 = SGD_PH(second.parameters(), model=second, **hp)
-    opt2.load_state_dict(ckpt['optim'])
-    assert opt2.steps == 5
-    run(second, opt2, data[5:])
-    for pa, pb in zip(ref.parameters(), second.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+    opt = assert_resume_equals_uninterrupted(
+        norm_net, lambda m: SGD_PH(m.parameters(), model=m, **hp), run, batches(9), 5)
+    assert opt.steps == 9
 
 
 def test_loss_decreases():
