@@ -24,7 +24,8 @@ def build(model, wrapper_type, **opt):
 
 def data(n):
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 3, (4, ), generator=g))
+    return [(torch.randn(4, 3, 6, 6, generator=g),
+             torch.randint(0, 3, (4, ), generator=g))
             for _ in range(n)]
 
 
@@ -108,7 +109,8 @@ def test_companion_with_nkfac_trains_and_resumes():
 
     ref = net()
     w_ref = build_companion(ref, opt_cfg)
-    assert isinstance(w_ref.optimizer, NKFAC) and set(w_ref.optimizer.layers) == {'0', '4'}
+    assert isinstance(w_ref.optimizer, NKFAC)
+    assert set(w_ref.optimizer.layers) == {'0', '4'}
     losses = []
     for x, y in batches:
         loss = F.cross_entropy(ref(x), y)

@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from resume_check import assert_resume_equals_uninterrupted
+from optim_checks import assert_loss_halves, assert_resume_equals_uninterrupted
 from test_nkfac import batches, groups, run, tiny_net
 
 from mmprecond.optim import SGDM_BK, AdamW_BK, Shampoo
@@ -140,15 +139,7 @@ def test_loss_decreases(cls, kw):
     model = tiny_net()
     opt = cls(model.parameters(), model=model, stat_interval=1, inv_interval=5,
               **kw)
-    x, y = batches(1, size=32)[0]
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        losses.append(float(loss))
-        opt.step()
-    assert losses[-1] < 0.5 * losses[0], losses[::5]
+    assert_loss_halves(model, opt, *batches(1, size=32)[0])
     assert opt.fallbacks.counts['nonfinite_direction'] == 0
 
 

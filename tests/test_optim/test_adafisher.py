@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resume_check import assert_resume_equals_uninterrupted
+from optim_checks import assert_loss_halves, assert_resume_equals_uninterrupted
 
 from mmprecond.optim import AdaFisher, AdaFisherW
 from mmprecond.optim.adafisher import min_max
@@ -114,15 +114,7 @@ def test_loss_decreases(rule, lr):
     model = tiny_net()
     opt = AdaFisherW(model.parameters(), model=model, lr=lr, stat_interval=5,
                      statistics=rule)
-    x, y = batches(1, size=32)[0]
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        losses.append(float(loss))
-        opt.step()
-    assert losses[-1] < 0.5 * losses[0], losses[::5]
+    assert_loss_halves(model, opt, *batches(1, size=32)[0])
 
 
 def test_invalid_arguments():

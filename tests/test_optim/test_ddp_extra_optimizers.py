@@ -1,5 +1,5 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
-"""Real 2-process gloo DDP runs of SGD_PH, SGDM_BK, AdamW_BK, Shampoo and AdaFisher(W)."""
+"""2-process gloo DDP runs of SGD_PH, SGDM_BK, AdamW_BK, Shampoo, AdaFisher(W)."""
 import os
 
 import pytest
@@ -37,7 +37,8 @@ def net():
 
 def data(steps, n=8):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 4, (n, ), generator=g))
+    return [(torch.randn(n, 3, 6, 6, generator=g),
+             torch.randint(0, 4, (n, ), generator=g))
             for _ in range(steps)]
 
 

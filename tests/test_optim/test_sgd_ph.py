@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resume_check import assert_resume_equals_uninterrupted
+from optim_checks import assert_loss_halves, assert_resume_equals_uninterrupted
 
 from mmprecond.optim import SGD_PH
 
@@ -151,14 +151,6 @@ def test_resume_equals_uninterrupted():
 def test_loss_decreases():
     model = norm_net()
     opt = SGD_PH(model.parameters(), model=model, lr=0.05)
-    x, y = batches(1, size=32)[0]
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward(create_graph=True)
-        losses.append(float(loss))
-        opt.step()
-    assert losses[-1] < 0.5 * losses[0]
+    assert_loss_halves(model, opt, *batches(1, size=32)[0], create_graph=True)
     assert all(opt.state[p]['hessian_diag'].gt(0).all()
                for p in opt.partial_hessian.params)

@@ -1,5 +1,5 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
-"""Shared check: a run resumed from a checkpoint equals the uninterrupted run."""
+"""Checks shared by the optimizer tests (resume, loss decrease)."""
 import io
 from typing import Callable, List
 
@@ -33,3 +33,17 @@ def assert_resume_equals_uninterrupted(make_model: Callable, make_opt: Callable,
     for pa, pb in zip(ref.parameters(), second.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=atol)
     return opt2
+
+
+def assert_loss_halves(model, opt, x, y, steps: int = 30, create_graph: bool = False):
+    """``steps`` full-batch steps of cross-entropy on ``(x, y)`` halve the loss."""
+    import torch.nn.functional as F
+
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(create_graph=create_graph)
+        losses.append(float(loss))
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0], losses[::5]
