@@ -149,8 +149,12 @@ class PartialHessian:
         p = self.params[k]
         if self._prepared:
             if not self._products:
-                return None if p.grad is None else torch.zeros_like(p)
-            h = torch.stack(self._products).sum(0)
+                # every rank must join the all-reduce below
+                if p.grad is None and world_size() == 1:
+                    return None
+                h = torch.zeros_like(p)
+            else:
+                h = torch.stack(self._products).sum(0)
         else:
             if not self._graph_grads:
                 if p.grad is not None:
