@@ -6,7 +6,6 @@ Deep Neural Networks* (arXiv:2403.02681); Y. Sun, *Designing Effective
 Preconditioned Optimizers for Deep Neural Network Training*, PhD thesis,
 PolyU 2024, chapter 2 (Algorithm 1).
 """
-import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -367,5 +366,6 @@ class SGD_PH(Optimizer):
             self.partial_hessian.steps = int(extra['steps'])
             self.partial_hessian.disabled = set(extra['disabled'])
         else:
-            warnings.warn('SGD_PH checkpoint without its step counter; the '
-                          'round-robin restarts')
+            self.fallbacks.record(
+                'missing_preconditioner_state',
+                'checkpoint has no SGD_PH step counter; the round robin restarts')

@@ -44,6 +44,6 @@ def assert_loss_halves(model, opt, x, y, steps: int = 30, create_graph: bool = F
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward(create_graph=create_graph)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         opt.step()
     assert losses[-1] < 0.5 * losses[0], losses[::5]

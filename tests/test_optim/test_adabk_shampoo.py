@@ -3,12 +3,10 @@
 import pytest
 import torch
 import torch.nn as nn
-
 from optim_checks import assert_loss_halves, assert_resume_equals_uninterrupted
 from test_nkfac import batches, groups, run, tiny_net
 
 from mmprecond.optim import SGDM_BK, AdamW_BK, Shampoo
-
 
 SGD_LIKE = [(SGDM_BK, {}), (Shampoo, {})]
 

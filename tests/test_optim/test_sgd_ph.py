@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from optim_checks import assert_loss_halves, assert_resume_equals_uninterrupted
 
 from mmprecond.optim import SGD_PH
