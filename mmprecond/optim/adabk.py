@@ -32,9 +32,13 @@ class _KroneckerRoot(_KroneckerInverse):
     computed *from scratch* by ``ns_iters`` coupled Newton–Schulz iterations
     with trace normalisation, batched over factors of equal size
     (:func:`~mmprecond.inverse_root.inverse_roots`).  A root that comes out
-    non-finite (an all-zero factor) is replaced by the identity and counted
-    under ``'root_fallback'``.  Every rank computes every root (the factors
-    are identical across ranks), so no broadcast is needed.
+    non-finite is not stored, and is counted under ``'root_fallback'``: that
+    side stays unpreconditioned and is retried after the next statistics
+    update.  This happens for all-zero factors, e.g. the output side of
+    every conv in a residual branch behind a zero-initialised norm
+    (mmdet's ResNet, ``zero_init_residual``) at step 0, where the authors'
+    code would divide by a zero trace.  Every rank computes every root (the
+    factors are identical across ranks), so no broadcast is needed.
     """
 
     #: Root order ``p``; subclasses set 2 (AdaBK) or 4 (Shampoo).
@@ -65,7 +69,8 @@ class _KroneckerRoot(_KroneckerInverse):
             if not st:
                 continue
             for side, _ in self._sides(module):
-                if side in st and (periodic or side + '_inv' not in st):
+                missing = side + '_inv' not in st
+                if side in st and (periodic or missing and self.is_stat_step(step)):
                     due.append((st, side))
         if not due:
             return
@@ -75,10 +80,14 @@ class _KroneckerRoot(_KroneckerInverse):
         failed = ok.count(False)
         if failed:
             self.fallbacks.record(
-                'root_fallback', 'an inverse root was not finite (zero or '
-                'non-finite factor); identity used', n=failed)
-        for (st, side), r in zip(due, roots):
-            st[side + '_inv'] = r
+                'root_fallback', 'an inverse root was not finite (an all-zero '
+                'factor, e.g. behind a zero-initialised norm); that side is left '
+                'unpreconditioned until its statistics change', n=failed)
+        for (st, side), r, good in zip(due, roots, ok):
+            if good:
+                st[side + '_inv'] = r
+            else:
+                st.pop(side + '_inv', None)
 
 
 @OPTIMIZERS.register_module()

@@ -117,6 +117,29 @@ def test_bk_schedule_and_k10_from_scratch():
     assert opt.fallbacks.counts['root_fallback'] == 0
 
 
+def test_zero_factor_is_skipped_and_retried_after_new_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    nn.init.zeros_(model[2].weight)  # no output gradient reaches layer 0
+    opt = SGDM_BK(model.parameters(), model=model, lr=0.1, stat_interval=2,
+                  inv_interval=100)
+    x = torch.randn(8, 4)
+
+    def step():
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+
+    step()
+    assert opt.fallbacks.counts['root_fallback'] == 1
+    assert set(opt.layer_state['0']) == {'L', 'R', 'R_inv'}
+    step()  # not a statistics step: no retry
+    assert opt.fallbacks.counts['root_fallback'] == 1
+    step()  # step 2 folds non-zero statistics: the left root now exists
+    assert 'L_inv' in opt.layer_state['0']
+    assert opt.fallbacks.counts['root_fallback'] == 1
+
+
 CASES = [(SGDM_BK, dict(lr=0.05, weight_decay=1e-3)),
          (AdamW_BK, dict(lr=1e-3, weight_decay=0.1)),
          (Shampoo, dict(lr=0.05, weight_decay=1e-3))]
