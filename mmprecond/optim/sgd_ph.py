@@ -62,7 +62,7 @@ class PartialHessian:
     the concatenated batch.
 
     A product that cannot be formed (an op on the path is only once
-    differentiable, e.g. a compiled RoI pooling) leaves that tensor
+    differentiable and the product has to pass it) leaves that tensor
     first-order for good; counted under ``'hvp_unavailable'``.
 
     Args:
