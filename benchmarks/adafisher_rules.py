@@ -69,6 +69,10 @@ def build_cfg(args, rule: str, seed: int, work_dir: str):
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=10**6)
     cfg.default_hooks.logger.interval = 50
     cfg.randomness = dict(seed=seed)
+    # one Runner after another in this process: MMEngine keeps visualizers
+    # by name, so each run needs its own (else it writes to a removed dir)
+    cfg.visualizer.name = f'adafisher_{rule}_{seed}_{time.time_ns()}'
+    cfg.experiment_name = cfg.visualizer.name
     cfg.work_dir = work_dir
     cfg.log_level = 'WARNING'
     return cfg
@@ -114,9 +118,10 @@ def main() -> None:
 
     rows = {}
     for rule in args.rules:
-        runs = [one_run(args, rule, s) for s in args.seeds]
-        rows[rule] = runs
-        for s, r in zip(args.seeds, runs):
+        rows[rule] = []
+        for s in args.seeds:
+            r = one_run(args, rule, s)
+            rows[rule].append(r)
             print(f'{args.task} {rule:5s} seed {s}: loss {r["loss"]:.4f} '
                   f'{METRIC[args.task]} {r["metric"]:.4f} ({r["seconds"]:.0f} s)',
                   flush=True)
