@@ -11,8 +11,8 @@ validation metric (bbox mAP / top-1) as mean +- std.
 
 Run (one process, minutes on 2 CPU cores)::
 
-    python benchmarks/adafisher_rules.py --task det --iters 300 --seeds 0 1 2
-    python benchmarks/adafisher_rules.py --task cls --epochs 6 --seeds 0 1 2
+    python benchmarks/adafisher_rules.py --task det --iters 100 --seeds 0 1 2
+    python benchmarks/adafisher_rules.py --task cls --epochs 20 --seeds 0 1 2
 """
 import argparse
 import os.path as osp

@@ -61,7 +61,12 @@ class AdaFisher(Optimizer):
     is close to EMA-momentum SGD with step ``lr / lambda``; the paper's
     rule takes steps up to ``1/lambda`` times smaller at equal ``lr``.
     ``'code'`` (the default) is the rule that produced the published
-    numbers; measurements on the synthetic tasks are in the project README.
+    numbers, and it is the one that trains at the paper's ``lr``: on the
+    synthetic shapes classifier (ResNet-18-tiny, lr 1e-3, 20 epochs, 3
+    seeds) it reaches training loss 0.33 +- 0.10 and 33.1 +- 2.7 % top-1
+    against 1.28 +- 0.03 and 23.3 +- 1.0 % for ``'paper'`` (chance: 20 %);
+    on the demo detector (lr 2e-4, 100 iterations) 0.65 +- 0.03 vs
+    0.75 +- 0.15 training loss (``benchmarks/adafisher_rules.py``).
     The code starts ``H, S`` at ones; the paper rule starts at the first
     statistic.  Statistics are collected every ``stat_interval`` steps
     (``TCov = 100`` in the code; the paper does not say) and averaged over
