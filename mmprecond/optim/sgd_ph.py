@@ -271,9 +271,6 @@ class SGD_PH(Optimizer):
             raise ValueError(f"Invalid scope: {scope!r} ('norm' or 'all_1d')")
         self._ph_ids = {id(p) for p in ph}
         self.partial_hessian = PartialHessian(ph, self.fallbacks)
-        self.fallbacks.info(
-            'channel_params', f'{len(ph)} channel-wise 1-D tensor(s) get the '
-            'partial-Hessian step')
 
     def prepare_hessian(self, loss: Tensor) -> None:
         """Record what the Hessian-vector product needs, before ``backward``.
