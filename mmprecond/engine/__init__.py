@@ -1,8 +1,9 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 from .constructor import PrecondOptimWrapperConstructor
+from .hessian_wrapper import HessianOptimWrapper
 from .hooks import PrecondStatsHook
 from .second_pass import SecondPassHook
 from .warm_start import WarmStartHook
 
-__all__ = ['PrecondOptimWrapperConstructor', 'PrecondStatsHook', 'SecondPassHook',
-           'WarmStartHook']
+__all__ = ['PrecondOptimWrapperConstructor', 'PrecondStatsHook', 'HessianOptimWrapper',
+           'SecondPassHook', 'WarmStartHook']

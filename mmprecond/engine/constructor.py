@@ -60,6 +60,9 @@ class PrecondOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         optimizer = OPTIMIZERS.build(optimizer_cfg)
         optim_wrapper = OPTIM_WRAPPERS.build(
             optim_wrapper_cfg, default_args=dict(optimizer=optimizer))
+        attach_model = getattr(optim_wrapper, 'attach_model', None)
+        if attach_model is not None:  # HessianOptimWrapper's companion
+            attach_model(model)
         scaler: Optional[object] = getattr(optim_wrapper, 'loss_scaler', None)
         if scaler is not None and hasattr(optimizer, 'attach_grad_scaler'):
             optimizer.attach_grad_scaler(scaler)

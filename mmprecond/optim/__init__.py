@@ -1,12 +1,17 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """Preconditioned optimizers, registered in MMEngine's root ``OPTIMIZERS``."""
+from .adabk import SGDM_BK, AdamW_BK
+from .adafisher import AdaFisher, AdaFisherW
 from .adamr import AdamR
 from .afopt import Ada_AFOpt, AFOpt
 from .base import PrecondOptimizer
 from .fsgd import FSGD, FAdam
 from .kbfgs import KBFGS, KBFGS_L
 from .nkfac import KFAC, NKFAC, AdaNKFAC
+from .sgd_ph import SGD_PH
+from .shampoo import Shampoo
 from .tnt import TNT, TNT_EF
 
 __all__ = ['PrecondOptimizer', 'NKFAC', 'AdaNKFAC', 'KFAC', 'AdamR', 'FSGD', 'FAdam',
-           'AFOpt', 'Ada_AFOpt', 'KBFGS', 'KBFGS_L', 'TNT', 'TNT_EF']
+           'AFOpt', 'Ada_AFOpt', 'SGD_PH', 'SGDM_BK', 'AdamW_BK', 'Shampoo',
+           'AdaFisher', 'AdaFisherW', 'KBFGS', 'KBFGS_L', 'TNT', 'TNT_EF']

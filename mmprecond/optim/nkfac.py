@@ -113,6 +113,10 @@ class _KroneckerInverse(PrecondOptimizer):
         self.shard_inverses = bool(shard_inverses)
 
     # --------------------------------------------------------------- factors
+    #: Per-batch normalisation of a statistic before the EMA (the NKFAC
+    #: code's Frobenius normalisation); AdaBK folds the raw statistic.
+    normalize_statistic = staticmethod(frobenius_normalize)
+
     def _sides(self, module: nn.Module) -> Tuple[Tuple[str, int], ...]:
         d_out, d_in = factor_dims(module)
         return tuple((s, d) for s, d in (('L', d_out), ('R', d_in))
@@ -126,7 +130,7 @@ class _KroneckerInverse(PrecondOptimizer):
                 new = batch.gg if side == 'L' else batch.xx
                 if new is None:
                     continue
-                st[side] = ema_update(st.get(side), frobenius_normalize(new),
+                st[side] = ema_update(st.get(side), self.normalize_statistic(new),
                                       self.stat_decay)
 
     def _use_exact(self, step: int) -> bool:

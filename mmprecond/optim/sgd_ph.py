@@ -1,0 +1,368 @@
+# Copyright (c) mmprecond contributors. All rights reserved.
+"""SGD-PH: SGD with a partial-Hessian Newton step for channel-wise 1-D parameters.
+
+Reference: Y. Sun, H. Yong, L. Zhang, *A Novel Partial Hessian Optimizer for
+Deep Neural Networks* (arXiv:2403.02681); Y. Sun, *Designing Effective
+Preconditioned Optimizers for Deep Neural Network Training*, PhD thesis,
+PolyU 2024, chapter 2 (Algorithm 1).
+"""
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+from mmengine.registry import OPTIMIZERS
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.sgd import sgd as sgd_functional
+
+from ..distributed import all_reduce_sum_, world_size
+from ..logging import FallbackLog
+from .base import check_positive, check_unit_interval
+
+#: Normalisation layers whose affine weight and bias are channel-wise.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+MISSING_GRAPH_MSG = (
+    '{name} needs the Hessian-vector product of the 1-D parameters, so the '
+    'backward pass must keep its graph: loss.backward(create_graph=True).  In '
+    'an MMEngine / OpenMMLab config use the mmprecond wrapper:\n'
+    "    optim_wrapper = dict(type='HessianOptimWrapper', "
+    "constructor='PrecondOptimWrapperConstructor', optimizer=dict(type="
+    "'{name}', ...))")
+
+
+def channel_params(model: nn.Module) -> List[Tensor]:
+    """The trainable affine weights and biases of every normalisation layer."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, NORM_TYPES):
+            for p in (getattr(module, 'weight', None), getattr(module, 'bias', None)):
+                if isinstance(p, Tensor) and p.requires_grad:
+                    out.append(p)
+    return out
+
+
+class PartialHessian:
+    """Round-robin diagonal Hessian of channel-wise 1-D parameters.
+
+    At each step one tensor ``p_k`` (``k = step % M``) gets the
+    Hessian-vector product ``h = d(g_k^T 1)/d p_k`` (the row sums of its
+    Hessian block, which equal its diagonal when the block is diagonal, as
+    for normalisation layers of a channel-separable loss), rectified as
+    ``|h|`` and folded into ``diag <- mu diag + (1 - mu) |h|``.
+
+    The gradient with graph comes either from :meth:`prepare` (one
+    ``autograd.grad(loss, p_k, create_graph=True)`` before an ordinary
+    backward: what :class:`~mmprecond.engine.HessianOptimWrapper` does, and
+    the only way under DDP, whose reducer rejects ``create_graph``
+    backwards), or from a tensor hook on each parameter when the caller runs
+    ``loss.backward(create_graph=True)`` itself.  Either way it is summed
+    over gradient-accumulation micro-batches.  The per-rank products are
+    averaged across ranks before the ``abs``, so DDP equals one process on
+    the concatenated batch.
+
+    A product that cannot be formed (an op on the path is only once
+    differentiable and the product has to pass it) leaves that tensor
+    first-order for good; counted under ``'hvp_unavailable'``.
+
+    Args:
+        params (list[Tensor]): The channel-wise parameters, in a fixed order.
+        log (FallbackLog): Where fallbacks are counted.
+    """
+
+    def __init__(self, params: List[Tensor], log: FallbackLog) -> None:
+        self.params = list(params)
+        self.log = log
+        self.steps = 0
+        self.disabled: set = set()
+        self._graph_grads: List[Tensor] = []
+        self._products: List[Tensor] = []
+        self._prepared = False
+        self._handles = [
+            p.register_hook(self._make_hook(i)) for i, p in enumerate(self.params)
+        ]
+
+    def _make_hook(self, index: int) -> Callable[[Tensor], None]:
+
+        def hook(grad: Tensor) -> None:
+            if index == self.turn() and not self._prepared:
+                self._graph_grads.append(grad)
+
+        return hook
+
+    def turn(self) -> int:
+        """Index of the tensor whose Hessian is computed this step."""
+        return self.steps % len(self.params) if self.params else -1
+
+    def _product(self, k: int, grad: Tensor) -> Optional[Tensor]:
+        """``H_kk 1`` from a gradient with graph; ``None`` if impossible."""
+        p = self.params[k]
+        try:
+            with torch.enable_grad():
+                (h, ) = torch.autograd.grad(grad, p, torch.ones_like(grad),
+                                            retain_graph=True, allow_unused=True)
+        except RuntimeError as err:
+            self.disabled.add(k)
+            self.log.record(
+                'hvp_unavailable',
+                f'Hessian-vector product of a {tuple(p.shape)} parameter failed '
+                f'({str(err).splitlines()[0][:120]}); it keeps the first-order '
+                'step')
+            return None
+        return torch.zeros_like(p) if h is None else h.detach()
+
+    def prepare(self, loss: Tensor) -> None:
+        """Form this step's Hessian-vector product from ``loss`` now.
+
+        Call before a plain ``loss.backward()``: one extra backward with
+        ``create_graph`` to this step's tensor and one through it.
+        """
+        k = self.turn()
+        if k < 0 or k in self.disabled:
+            return
+        self._prepared = True
+        with torch.enable_grad():
+            (grad, ) = torch.autograd.grad(loss, self.params[k], create_graph=True,
+                                           retain_graph=True, allow_unused=True)
+        if grad is None or grad.grad_fn is None:
+            return  # no second-order dependence here: H_kk 1 = 0 from this loss
+        h = self._product(k, grad)
+        if h is not None:
+            self._products.append(h)
+
+    def clear(self) -> None:
+        """Drop kept gradients (and with them the double-backward graph)."""
+        self._graph_grads = []
+        self._products = []
+        self._prepared = False
+
+    def hessian_row_sums(self, owner: str) -> Optional[Tensor]:
+        """``|H_kk 1|`` of this step's tensor (averaged over ranks first).
+
+        Returns ``None`` when the tensor got no gradient this step (or is
+        disabled).  Raises ``RuntimeError`` when no backward kept its graph.
+        """
+        k = self.turn()
+        if k < 0 or k in self.disabled:
+            return None
+        p = self.params[k]
+        if self._prepared:
+            if not self._products:
+                # every rank must join the all-reduce below
+                if p.grad is None and world_size() == 1:
+                    return None
+                h = torch.zeros_like(p)
+            else:
+                h = torch.stack(self._products).sum(0)
+        else:
+            if not self._graph_grads:
+                if p.grad is not None:
+                    raise RuntimeError(MISSING_GRAPH_MSG.format(name=owner))
+                return None
+            grad = torch.stack(self._graph_grads).sum(0)
+            if grad.grad_fn is None:
+                raise RuntimeError(MISSING_GRAPH_MSG.format(name=owner))
+            h = self._product(k, grad)
+            if h is None:
+                return None
+        if world_size() > 1:
+            all_reduce_sum_([h])
+            h.div_(world_size())
+        return h.abs_()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@OPTIMIZERS.register_module()
+class SGD_PH(Optimizer):
+    r"""SGD-PH: partial-Hessian Newton step for channel-wise 1-D parameters.
+
+    Algorithm (thesis Algorithm 1 with the authors' code's details)::
+
+        for t = 0, 1, ...:
+            g = grad L(W)                      (backward with create_graph)
+            k = t mod M                        (one 1-D tensor per step)
+            h = |d(g_k^T 1) / d p_k|           (Hessian-vector product)
+            diag_k <- mu diag_k + (1 - mu) h
+            for every parameter:  buf <- mu buf + g          (buf_0 = g)
+            1-D channel-wise:     d = tau (1 - mu^(floor(t/M)+1)) buf / (diag + eps)
+                                  d <- d + wd p
+            other parameters:     buf <- buf + wd p;  d = buf
+            p <- p - lr d
+
+    Every other parameter gets exactly ``torch.optim.SGD`` (momentum, coupled
+    L2 decay, no dampening), so without channel-wise parameters SGD_PH is
+    ``torch.optim.SGD`` step for step.  The EMA weights 0.9 on the *old*
+    curvature and gradient, as the authors' code does (the thesis' eqs.
+    2.5/2.6 print it on the new term); the Hessian EMA uses the momentum
+    ``mu`` as its decay, also as in the code.
+
+    Which parameters are channel-wise (``scope``):
+
+    * ``'norm'`` (default): affine weights and biases of BatchNorm /
+      GroupNorm / LayerNorm / InstanceNorm modules of ``model``. Their
+      Hessian block is diagonal when channels are not mixed before the loss;
+      otherwise the product returns the block's row sums, which is what the
+      method computes.
+    * ``'all_1d'``: every 1-D parameter except the last one (the authors'
+      code; the last is usually the classifier bias).
+
+    The Hessian-vector product needs the graph of the gradient: either
+    ``loss.backward(create_graph=True)`` (single process), or
+    ``opt.prepare_hessian(loss)`` followed by a plain ``loss.backward()``
+    (also under DDP).  Through MMEngine use ``type='HessianOptimWrapper'``
+    (:class:`~mmprecond.engine.HessianOptimWrapper`), which does the latter.
+    A step without that graph raises a ``RuntimeError`` saying so.
+
+    Args:
+        params (Iterable): Parameters or parameter groups.
+        lr (float): Learning rate. Defaults to 0.01 (thesis, CIFAR).
+        momentum (float): ``mu``, for gradient and curvature. 0.9.
+        weight_decay (float): Coupled L2 decay (not preconditioned). 0.
+        tau (float): ``tau_SO``, scale of the Newton step. 1e-3.
+        eps (float): Added to ``|H|``. 1e-4.
+        model (nn.Module, optional): Needed for ``scope='norm'``.
+        scope (str): ``'norm'`` or ``'all_1d'``. Defaults to ``'norm'``.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        >>> opt = SGD_PH(model.parameters(), model=model, lr=0.01)
+        >>> model(torch.randn(2, 3, 8, 8)).pow(2).mean().backward(
+        ...     create_graph=True)
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    requires_model = True
+
+    def __init__(self,
+                 params: Iterable,
+                 lr: float = 0.01,
+                 momentum: float = 0.9,
+                 weight_decay: float = 0.0,
+                 tau: float = 1e-3,
+                 eps: float = 1e-4,
+                 *,
+                 model: Optional[nn.Module] = None,
+                 scope: str = 'norm') -> None:
+        check_positive('lr', lr, allow_zero=True)
+        check_unit_interval('momentum', momentum)
+        check_positive('weight_decay', weight_decay, allow_zero=True)
+        check_positive('tau', tau)
+        check_positive('eps', eps)
+        super().__init__(params, dict(lr=lr, momentum=momentum,
+                                      weight_decay=weight_decay, tau=tau, eps=eps))
+        self.fallbacks = FallbackLog(type(self).__name__)
+        owned = [p for g in self.param_groups for p in g['params']]
+        if scope == 'norm':
+            if model is None:
+                raise TypeError(
+                    "SGD_PH(scope='norm') finds the normalisation layers in the "
+                    'model: pass model=... (PrecondOptimWrapperConstructor '
+                    "does), or use scope='all_1d'")
+            chosen = {id(p) for p in channel_params(model)}
+            ph = [p for p in owned if id(p) in chosen]
+        elif scope == 'all_1d':
+            ph = [p for p in owned if p.dim() == 1 and p.requires_grad][:-1]
+        else:
+            raise ValueError(f"Invalid scope: {scope!r} ('norm' or 'all_1d')")
+        self._ph_ids = {id(p) for p in ph}
+        self.partial_hessian = PartialHessian(ph, self.fallbacks)
+
+    def prepare_hessian(self, loss: Tensor) -> None:
+        """Record what the Hessian-vector product needs, before ``backward``.
+
+        ``opt.prepare_hessian(loss); loss.backward()`` replaces
+        ``loss.backward(create_graph=True)`` and works under DDP; see
+        :meth:`PartialHessian.prepare`.
+        """
+        self.partial_hessian.prepare(loss)
+
+    @property
+    def steps(self) -> int:
+        return self.partial_hessian.steps
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.partial_hessian.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Perform one optimization step (see the class docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        ph = self.partial_hessian
+        k = ph.turn()
+        h = ph.hessian_row_sums(type(self).__name__)
+        ph.clear()
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._group_step(group, h, ph.params[k] if h is not None else None,
+                                 len(ph.params))
+        ph.steps += 1
+        return loss
+
+    def _group_step(self, group: Dict[str, Any], h: Optional[Tensor],
+                    hp: Optional[Tensor], num_ph: int) -> None:
+        lr, mu, wd = group['lr'], group['momentum'], group['weight_decay']
+        plain, plain_grads, plain_bufs = [], [], []
+        curv, curv_grads, curv_bufs, curv_diags = [], [], [], []
+        for p in group['params']:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError('SGD_PH does not support sparse gradients')
+            st = self.state[p]
+            if id(p) in self._ph_ids:
+                if 'hessian_diag' not in st:
+                    st['hessian_diag'] = torch.zeros_like(p)
+                    st['momentum_buffer'] = torch.zeros_like(p)
+                if p is hp:
+                    st['hessian_diag'].mul_(mu).add_(h, alpha=1 - mu)
+                curv.append(p)
+                curv_grads.append(p.grad.detach())
+                curv_bufs.append(st['momentum_buffer'])
+                curv_diags.append(st['hessian_diag'])
+            else:
+                plain.append(p)
+                plain_grads.append(p.grad.detach())
+                plain_bufs.append(st.get('momentum_buffer'))
+        if plain:
+            sgd_functional(plain, plain_grads, plain_bufs, weight_decay=wd,
+                           momentum=mu, lr=lr, dampening=0.0, nesterov=False,
+                           maximize=False, foreach=None)
+            if mu != 0:
+                for p, buf in zip(plain, plain_bufs):
+                    self.state[p]['momentum_buffer'] = buf
+        if curv:
+            torch._foreach_mul_(curv_bufs, mu)
+            torch._foreach_add_(curv_bufs, curv_grads)
+            bc = 1 - mu**(self.steps // max(num_ph, 1) + 1)
+            denom = torch._foreach_add(curv_diags, group['eps'])
+            upd = torch._foreach_div(curv_bufs, denom)
+            torch._foreach_mul_(upd, group['tau'] * bc)
+            if wd != 0:
+                torch._foreach_add_(upd, curv, alpha=wd)
+            torch._foreach_add_(curv, upd, alpha=-lr)
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        sd['partial_hessian'] = dict(steps=self.partial_hessian.steps,
+                                     disabled=sorted(self.partial_hessian.disabled))
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop('partial_hessian', None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.partial_hessian.steps = int(extra['steps'])
+            self.partial_hessian.disabled = set(extra['disabled'])
+        else:
+            self.fallbacks.record(
+                'missing_preconditioner_state',
+                'checkpoint has no SGD_PH step counter; the round robin restarts')
