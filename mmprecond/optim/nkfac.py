@@ -14,7 +14,7 @@ from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
 from ..curvature.capture import factor_dims
-from ..curvature.factors import BatchStatistics, ema_update, frobenius_normalize
+from ..curvature.factors import BatchStatistics
 from ..distributed import run_sharded
 from ..linalg import (
     damp,
@@ -76,12 +76,16 @@ class _KroneckerInverse(PrecondOptimizer):
     exact inverse is used instead and counted under ``'newton_fallback'``.
     """
 
+    statistic_keys = ('L', 'R')
+    checks_statistics_on_device = True
+
     def __init__(self, params: Iterable, defaults: dict, model: Optional[nn.Module],
                  base: str, stat_interval: int, inv_interval: int,
                  exact_inv_period: int, newton_steps: int, damping: float,
                  damping_floor: float, stat_decay: float, grad_norm_recovery: bool,
                  max_factor_dim: int, exact_only: bool,
-                 shard_inverses: bool) -> None:
+                 shard_inverses: bool,
+                 reduce_statistics: str = 'every_step') -> None:
         if int(inv_interval) < 1:
             raise ValueError(f'Invalid inv_interval: {inv_interval} (>= 1)')
         if int(exact_inv_period) < 1:
@@ -93,7 +97,7 @@ class _KroneckerInverse(PrecondOptimizer):
         check_positive('damping_floor', damping_floor)
         check_unit_interval('stat_decay', stat_decay)
         super().__init__(params, defaults, model, base, stat_interval,
-                         max_factor_dim)
+                         max_factor_dim, reduce_statistics=reduce_statistics)
         self.inv_interval = int(inv_interval)
         self.exact_inv_period = int(exact_inv_period)
         self.newton_steps = int(newton_steps)
@@ -112,15 +116,21 @@ class _KroneckerInverse(PrecondOptimizer):
                      if self.side_enabled(d))
 
     def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
+        items = []
         for name, module in self.layers.items():
             st = self.layer_state.setdefault(name, {})
             batch = stats[name]
             for side, _ in self._sides(module):
                 new = batch.gg if side == 'L' else batch.xx
-                if new is None:
-                    continue
-                st[side] = ema_update(st.get(side), frobenius_normalize(new),
-                                      self.stat_decay)
+                if new is not None:
+                    items.append((st, side, f'{name}.{side}', new))
+        self.fold_statistics(items, self.stat_decay, normalize=True)
+
+    def refresh_due(self, step: int) -> bool:
+        if step % self.inv_interval == 0:
+            return True
+        return any(side in st and side + '_inv' not in st
+                   for st in self.layer_state.values() for side in ('L', 'R'))
 
     def _use_exact(self, step: int) -> bool:
         period = self.exact_inv_period * self.inv_interval
@@ -183,17 +193,15 @@ class _KroneckerInverse(PrecondOptimizer):
     # --------------------------------------------------------- preconditioner
     def precondition(self, name: str, module: nn.Module,
                      grad: Tensor) -> Optional[Tensor]:
+        """``L^-1 G R^-1`` (norm recovery is applied by the base class)."""
         st = self.layer_state.get(name)
         if not st or ('L_inv' not in st and 'R_inv' not in st):
             return None
-        g = grad.float()
-        pg = g
+        pg = grad.float()
         if 'L_inv' in st:
             pg = st['L_inv'] @ pg
         if 'R_inv' in st:
             pg = pg @ st['R_inv']
-        if self.grad_norm_recovery:
-            pg = pg * (g.norm() / (pg.norm() + 1e-12))
         return pg
 
 
@@ -243,6 +251,11 @@ class NKFAC(_KroneckerInverse):
             on one rank (balanced by ``d^3``) and broadcast the result, so
             the inverse phase's wall time falls with the number of ranks;
             ``False`` makes every rank compute everything. Defaults to True.
+        reduce_statistics (str): ``'every_step'`` (default; DDP equals one
+            process) or ``'before_refresh'`` (average the running factors
+            over ranks before each refresh, as the authors' code: about
+            ``T_inv / T_stat`` times less traffic, close to but not equal to
+            one process).  See :class:`~mmprecond.optim.base.PrecondOptimizer`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -270,7 +283,8 @@ class NKFAC(_KroneckerInverse):
                  stat_decay: float = 0.95,
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 shard_inverses: bool = True) -> None:
+                 shard_inverses: bool = True,
+                 reduce_statistics: str = 'every_step') -> None:
         check_positive('lr', lr, allow_zero=True)
         check_positive('momentum', momentum, allow_zero=True)
         check_positive('weight_decay', weight_decay, allow_zero=True)
@@ -282,7 +296,8 @@ class NKFAC(_KroneckerInverse):
                          inv_interval, exact_inv_period, newton_steps, damping,
                          damping_floor, stat_decay, grad_norm_recovery,
                          max_factor_dim, exact_only=self._exact_only,
-                         shard_inverses=shard_inverses)
+                         shard_inverses=shard_inverses,
+                         reduce_statistics=reduce_statistics)
 
     _exact_only = False
 
@@ -330,7 +345,8 @@ class AdaNKFAC(_KroneckerInverse):
             thesis' COCO value).
         model, stat_interval, inv_interval, exact_inv_period, newton_steps,
         damping, damping_floor, stat_decay, grad_norm_recovery,
-        max_factor_dim, shard_inverses: As in :class:`NKFAC`.
+        max_factor_dim, shard_inverses, reduce_statistics: As in
+            :class:`NKFAC`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -357,7 +373,8 @@ class AdaNKFAC(_KroneckerInverse):
                  stat_decay: float = 0.95,
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 shard_inverses: bool = True) -> None:
+                 shard_inverses: bool = True,
+                 reduce_statistics: str = 'every_step') -> None:
         check_positive('lr', lr, allow_zero=True)
         check_positive('eps', eps, allow_zero=True)
         check_positive('weight_decay', weight_decay, allow_zero=True)
@@ -369,4 +386,5 @@ class AdaNKFAC(_KroneckerInverse):
                          inv_interval, exact_inv_period, newton_steps, damping,
                          damping_floor, stat_decay, grad_norm_recovery,
                          max_factor_dim, exact_only=False,
-                         shard_inverses=shard_inverses)
+                         shard_inverses=shard_inverses,
+                         reduce_statistics=reduce_statistics)
