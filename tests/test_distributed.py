@@ -72,12 +72,17 @@ def loss_fn(model, x, y, keep, total_n, total_keep):
     return ce + head.pow(2).sum() / max(total_keep, 1)
 
 
-def worker(rank, world, port, name, steps, result_path):
+def join(rank, world, port):
+    """Join a gloo group; return the test model and its DDP wrapper."""
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = Net()
-    ddp = DDP(model)
+    return model, DDP(model)
+
+
+def worker(rank, world, port, name, steps, result_path):
+    model, ddp = join(rank, world, port)
     cls, kw = OPTIMS[name]
     opt = cls(model.parameters(), model=model, **hyper(name), **kw)
     for x, y, keep in data(steps, ROWS.get(name, 8)):
@@ -135,11 +140,7 @@ def test_ddp_equals_single_process_on_concatenated_batch(name, tmp_path):
 
 def traffic_worker(rank, world, port, steps, result_path):
     """NKFAC with reduce_statistics='before_refresh'; logs every all-reduce."""
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = Net()
-    ddp = DDP(model)
+    model, ddp = join(rank, world, port)
     opt = NKFAC(model.parameters(), model=model, lr=0.05, weight_decay=1e-4,
                 reduce_statistics='before_refresh', **HP)
     calls, orig = [], dist.all_reduce
