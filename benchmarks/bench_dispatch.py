@@ -145,7 +145,7 @@ def main() -> None:
         r = res[name]
         base = res[OPTIMIZERS[name][2]]['plain']
 
-        def get(kind, key, scale=1.0, fmt='.0f'):
+        def get(kind, key, scale=1.0, fmt='.0f', r=r):
             value = r.get(kind, {}).get(key, float('nan')) / scale
             return '-' if value != value else format(value, fmt)
 

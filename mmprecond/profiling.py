@@ -20,7 +20,6 @@ Example:
 from collections import Counter
 from typing import Any, Iterable, Set
 
-import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 

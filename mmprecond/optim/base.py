@@ -21,8 +21,18 @@ import math
 import time
 from collections import Counter
 from functools import partial
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional,
-                    Sequence, Tuple, Union)
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 import torch.nn as nn
@@ -38,8 +48,12 @@ from ..curvature.capture import (
     split_gradient_matrix,
     supported_reason,
 )
-from ..curvature.factors import (BatchStatistics, batch_statistics,
-                                 batched_statistics, ema_fold)
+from ..curvature.factors import (
+    BatchStatistics,
+    batch_statistics,
+    batched_statistics,
+    ema_fold,
+)
 from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
 from ..logging import FallbackLog
 

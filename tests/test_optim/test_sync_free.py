@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmprecond.optim import (KFAC, NKFAC, FAdam, FSGD, AFOpt, Ada_AFOpt,
-                             AdaNKFAC)
+from mmprecond.optim import FSGD, KFAC, NKFAC, Ada_AFOpt, AdaNKFAC, AFOpt, FAdam
 from mmprecond.profiling import DispatchCounter, counter_tensors
 
 STAT, INV = 2, 4
