@@ -9,7 +9,7 @@ Example:
     >>> import torch
     >>> running = None
     >>> running = ema_update(running, torch.eye(2), decay=0.95)
-    >>> float(running[0, 0])
+    >>> round(float(running[0, 0]), 6)
     0.05
 """
 from dataclasses import dataclass
