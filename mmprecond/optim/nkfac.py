@@ -127,6 +127,11 @@ class _KroneckerInverse(PrecondOptimizer):
         self.fold_statistics(items, self.stat_decay, normalize=True)
 
     def refresh_due(self, step: int) -> bool:
+        """Whether :meth:`update_preconditioners` inverts anything at ``step``.
+
+        Periodic refreshes, and factors without an inverse yet (formed after
+        step 0), which are inverted at once.
+        """
         if step % self.inv_interval == 0:
             return True
         return any(side in st and side + '_inv' not in st
