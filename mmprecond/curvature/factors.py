@@ -13,7 +13,7 @@ Example:
     0.05
 """
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -138,6 +138,33 @@ def ema_fold(running: List[Optional[Tensor]], new: List[Tensor], decay: float,
         >>> [float(t) for t in out], ok.tolist()
         ([0.5, 1.0], [True, False])
     """
+    return fold_statistics_(running, new, 1 - decay, normalize, eps)
+
+
+def fold_statistics_(running: List[Optional[Tensor]], new: List[Tensor],
+                     weight: Union[float, Sequence[float]],
+                     normalize: bool = False,
+                     eps: float = 1e-12) -> Tuple[List[Tensor], Tensor]:
+    """``running <- running + w (new - running)`` for many pairs, on the device.
+
+    The common core of :func:`ema_fold` (``w = 1 - decay``) and of running
+    means (``w = 1 / k`` per pair, ``k`` the host-side count): ``running``
+    starts at zero, a non-finite ``new`` leaves its ``running`` unchanged
+    (tested and substituted on the device), and the flags of the folded
+    pairs are returned.
+
+    Args:
+        running (list[Tensor | None]): Running factors (updated in place).
+        new (list[Tensor]): Statistics, same shapes, all on one device.
+        weight (float | Sequence[float]): Weight of ``new``, one for all
+            pairs or one per pair.
+        normalize (bool): Frobenius-normalise ``new`` first.
+        eps (float): Added to the norm.
+
+    Returns:
+        tuple[list[Tensor], Tensor]: The running factors and the boolean
+        vector of pairs whose ``new`` was finite.
+    """
     norms = torch._foreach_norm(new)
     ok = torch.isfinite(torch.stack(norms))
     if normalize:
@@ -147,5 +174,10 @@ def ema_fold(running: List[Optional[Tensor]], new: List[Tensor], decay: float,
     # a non-finite statistic is replaced by the running value, which the
     # interpolation then leaves exactly unchanged
     safe = [torch.where(f, n, r) for f, n, r in zip(ok.unbind(), new, running)]
-    torch._foreach_lerp_(running, safe, 1 - decay)
+    if isinstance(weight, (int, float)):
+        torch._foreach_lerp_(running, safe, float(weight))
+    else:
+        step = torch._foreach_sub(safe, running)
+        torch._foreach_mul_(step, [float(w) for w in weight])
+        torch._foreach_add_(running, step)
     return running, ok

@@ -302,7 +302,7 @@ class AttentionFeatureDescent(FeatureDescent):
             st = self.layer_state.setdefault(name, {})
             for key, total in dict(R=s.xx, LQ=s.lq, LK=s.lk, RV=s.vv).items():
                 items.append((st, key, f'{name}.{key}', total / s.rows))
-        self.fold_statistics(items, self.stat_decay)
+        self.fold_statistics(items, 1 - self.stat_decay)
         self._reset_sums()
 
     def update_preconditioners(self, step: int) -> None:

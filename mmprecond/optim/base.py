@@ -52,7 +52,7 @@ from ..curvature.factors import (
     BatchStatistics,
     batch_statistics,
     batched_statistics,
-    ema_fold,
+    fold_statistics_,
 )
 from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
 from ..logging import FallbackLog
@@ -417,18 +417,21 @@ class PrecondOptimizer(Optimizer):
         return out
 
     def fold_statistics(self, items: List[Tuple[Dict[str, Tensor], str, str, Tensor]],
-                        decay: float, normalize: bool = False) -> None:
-        """EMA-fold statistics into ``layer_state`` with batched kernels.
+                        weight: Union[float, Sequence[float]],
+                        normalize: bool = False) -> None:
+        """Fold statistics into ``layer_state`` with batched kernels.
 
-        Each item is ``(state, key, label, new)``: ``state[key]`` becomes the
-        EMA of ``new`` (see :func:`~mmprecond.curvature.factors.ema_fold`).
+        Each item is ``(state, key, label, new)``: ``state[key] += w (new -
+        state[key])`` (from zero; ``w`` is ``weight``, or ``weight[i]`` per
+        item), see :func:`~mmprecond.curvature.factors.fold_statistics_`.
         Non-finite statistics are not folded and are counted on the device
         under ``'nonfinite_statistics'`` (read when the log asks).
         """
         if not items:
             return
-        folded, ok = ema_fold([st.get(key) for st, key, _, _ in items],
-                              [new for *_, new in items], decay, normalize)
+        folded, ok = fold_statistics_([st.get(key) for st, key, _, _ in items],
+                                      [new for *_, new in items], weight,
+                                      normalize)
         for (st, key, _, _), running in zip(items, folded):
             st[key] = running
         self.fallbacks.record_flags(

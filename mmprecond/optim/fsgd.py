@@ -114,7 +114,7 @@ class FeatureDescent(PrecondOptimizer):
         self.fold_statistics(
             [(self.layer_state.setdefault(name, {}), 'R', name, stats[name].xx)
              for name in self.layers if stats[name].xx is not None],
-            self.stat_decay)
+            1 - self.stat_decay)
 
     def refresh_due(self, step: int) -> bool:
         """Whether inverses are recomputed at (0-based) ``step``."""

@@ -124,7 +124,7 @@ class _KroneckerInverse(PrecondOptimizer):
                 new = batch.gg if side == 'L' else batch.xx
                 if new is not None:
                     items.append((st, side, f'{name}.{side}', new))
-        self.fold_statistics(items, self.stat_decay, normalize=True)
+        self.fold_statistics(items, 1 - self.stat_decay, normalize=True)
 
     def refresh_due(self, step: int) -> bool:
         """Whether :meth:`update_preconditioners` inverts anything at ``step``.

@@ -13,7 +13,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmprecond.optim import FSGD, KFAC, NKFAC, Ada_AFOpt, AdaNKFAC, AFOpt, FAdam
+from mmprecond.optim import (
+    FSGD,
+    KFAC,
+    NKFAC,
+    Ada_AFOpt,
+    AdamR,
+    AdaNKFAC,
+    AFOpt,
+    FAdam,
+)
 from mmprecond.profiling import DispatchCounter, counter_tensors
 
 STAT, INV = 2, 4
@@ -25,6 +34,7 @@ OPTIMS = {
     'FAdam': (FAdam, dict(lr=1e-3, precondition_convs=True), 'adamw'),
     'AFOpt': (AFOpt, dict(lr=0.02, precondition_convs=True), 'sgd'),
     'Ada_AFOpt': (Ada_AFOpt, dict(lr=1e-3, precondition_convs=True), 'adamw'),
+    'AdamR': (AdamR, dict(lr=1e-3), 'adamw'),
 }
 #: Extra aten ops a plain / statistics step may dispatch per preconditioned
 #: block (layer, or attention Q / K / V block) beyond torch's foreach step.
@@ -68,8 +78,9 @@ def iteration(model, opt, x, y):
 def build(name, device='cpu', convs=2):
     cls, kw, _ = OPTIMS[name]
     model = Net(convs).to(device)
+    interval = 'basis_interval' if cls is AdamR else 'inv_interval'
     opt = cls(model.parameters(), model=model, stat_interval=STAT,
-              inv_interval=INV, **kw)
+              **{interval: INV}, **kw)
     return model, opt
 
 
