@@ -214,18 +214,18 @@ class AdamR(PrecondOptimizer):
       same role for inverses; SOAP (Vyas et al., 2024) refreshes its
       eigenbasis this way.
     * A layer whose rotated gradient is not finite (a corrupted basis, an
-      overflowing gradient) **skips that step**: its ``M`` and ``V`` stay as
-      they were, its weight and bias only take the decoupled weight decay,
-      and the bias-correction counter still advances.  The test runs on
-      the device (``torch.where``), so the base class never sees a
-      non-finite direction and no step reads a value back; the count
+      overflowing gradient; before its first basis, its raw gradient)
+      **skips that step**: its ``M`` and ``V`` stay as they were, its
+      weight and bias only take the decoupled weight decay, and the
+      bias-correction counter still advances.  The test runs on the device
+      (``torch.where``), so no step reads a value back; the count
       (``'nonfinite_rotated_gradient'``, like ``'power_step_failure'``) is
-      added to :attr:`fallbacks` at every eigh refresh, in
-      :meth:`state_dict`, and by :meth:`sync_fallbacks`.  A basis that is
-      still not finite at the next eigh refresh is dropped and that layer's
-      moments restart (``'nonfinite_basis'``).  Before a layer's first
-      basis its rotated and raw gradients coincide, and the base class's
-      own fallback applies.
+      kept on the device and read by :attr:`fallbacks` ``.counts``.  A
+      basis that is still not finite at the next eigh refresh is dropped
+      and that layer's moments restart (``'nonfinite_basis'``).
+    * The step of all layers of a parameter group is batched: moments,
+      bias corrections and the weight update use foreach kernels; the
+      rotations are two matmuls per side and layer.
     * Adam moments and the bias-correction counter live per layer, in
       ``layer_state[name]`` (``exp_avg``, ``exp_avg_sq``, ``step``), so
       they are checkpointed by module name.  ``betas`` and ``eps`` come from
