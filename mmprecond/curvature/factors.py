@@ -174,10 +174,15 @@ def fold_statistics_(running: List[Optional[Tensor]], new: List[Tensor],
     # a non-finite statistic is replaced by the running value, which the
     # interpolation then leaves exactly unchanged
     safe = [torch.where(f, n, r) for f, n, r in zip(ok.unbind(), new, running)]
-    if isinstance(weight, (int, float)):
-        torch._foreach_lerp_(running, safe, float(weight))
-    else:
-        step = torch._foreach_sub(safe, running)
-        torch._foreach_mul_(step, [float(w) for w in weight])
-        torch._foreach_add_(running, step)
+    # ``running.add_(new - running, alpha=w)``, the arithmetic of
+    # :func:`ema_update` / :func:`mean_update`, one foreach add per weight
+    diff = torch._foreach_sub(safe, running)
+    weights = ([float(weight)] * len(running) if isinstance(weight, (int, float))
+               else [float(w) for w in weight])
+    by_weight: Dict[float, List[int]] = {}
+    for i, w in enumerate(weights):
+        by_weight.setdefault(w, []).append(i)
+    for w, idx in by_weight.items():
+        torch._foreach_add_([running[i] for i in idx], [diff[i] for i in idx],
+                            alpha=w)
     return running, ok

@@ -707,8 +707,14 @@ class AdamR(PrecondOptimizer):
             if decayed:
                 torch._foreach_mul_([p for p, _ in decayed],
                                     [f for _, f in decayed])
-            torch._foreach_mul_(updates, scales)
-            torch._foreach_add_(params, updates)
+            # ``p.add_(d, alpha=-lr / bc1)``: one foreach add per distinct
+            # step size (layers of a group share lr and, mostly, the count)
+            by_scale: Dict[float, List[int]] = {}
+            for i, a in enumerate(scales):
+                by_scale.setdefault(a, []).append(i)
+            for a, idx in by_scale.items():
+                torch._foreach_add_([params[i] for i in idx],
+                                    [updates[i] for i in idx], alpha=a)
         rest = {p: d for p, d in directions.items() if id(p) not in done}
         for group in self.param_groups:
             adamw_update(group, self.state, rest)
