@@ -53,6 +53,27 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def precondition_flops(optimizer: torch.optim.Optimizer) -> float:
+    """FLOPs of one step's ``L^-1 G R^-1`` products over all layers."""
+    from mmprecond.curvature.capture import factor_dims
+    flops = 0.0
+    for name, module in getattr(optimizer, 'layers', {}).items():
+        st = optimizer.layer_state.get(name, {})
+        d_out, d_in = factor_dims(module)
+        if 'L_inv' in st:
+            flops += 2.0 * d_out * d_out * d_in
+        if 'R_inv' in st:
+            flops += 2.0 * d_out * d_in * d_in
+    return flops
+
+
+def gemm_rate(n: int = 1024, reps: int = 5) -> float:
+    """Measured fp32 GEMM rate (FLOP/s) of ``n x n`` products on this CPU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2.0 * n**3 / mean_time(lambda: a @ b, reps)
+
+
 def mean_time(fn: Callable[[], None], n: int) -> float:
     times = []
     for _ in range(n):
@@ -92,6 +113,7 @@ def measure_optimizer(model: torch.nn.Module, opt_cfg: dict, batches: List[dict]
     t_exact = mean_time(lambda: opt.update_preconditioners(0), 2)
     row.update(
         stat=t_stat, newton=t_newton, exact=t_exact,
+        flops=precondition_flops(opt), defaults=opt.defaults,
         iter=t_plain + (t_stat - t_plain) / s_int + t_newton / i_int +
         (t_exact - t_newton) / (c * i_int),
         mem=state_bytes(opt), layers=len(opt.layers))
@@ -143,12 +165,16 @@ def main() -> None:
             opt_cfg['max_factor_dim'] = args.max_factor_dim
         results[name] = measure_optimizer(copy.deepcopy(model0), opt_cfg,
                                           batches, args.iters)
+    rate = gemm_rate()
     print(f'config={osp.basename(args.config)}  params={params / 1e6:.2f}M  '
           f'torch={torch.__version__}  threads={torch.get_num_threads()}  '
-          f'device=cpu')
+          f'device=cpu  GEMM rate={rate / 1e9:.1f} GFLOP/s (1024^2 fp32)')
+    print('floor vs base: (torch base s/it + GEMM floor) / torch base s/it, '
+          'the ratio if preconditioning cost only its GEMMs')
     print(f"{'optimizer':<10} {'plain s':>8} {'stat s':>8} {'newton s':>9} "
           f"{'exact s':>8} {'amort. s/it':>11} {'vs AdamW':>9} {'vs SGD':>7} "
-          f"{'state MB':>9} {'vs AdamW':>9}")
+          f"{'state MB':>9} {'vs AdamW':>9} {'GEMM floor s':>12} "
+          f"{'floor vs base':>13}")
     base_t = results.get('AdamW', {}).get('iter')
     sgd_t = results.get('SGD', {}).get('iter')
     base_m = results.get('AdamW', {}).get('mem')
@@ -156,10 +182,20 @@ def main() -> None:
         ratio = f"{r['iter'] / base_t:.2f}" if base_t else '-'
         ratio_sgd = f"{r['iter'] / sgd_t:.2f}" if sgd_t else '-'
         mem_ratio = f"{r['mem'] / base_m:.2f}" if base_m else '-'
+        # the least a plain step can cost over its base: the preconditioning
+        # GEMMs at the measured GEMM rate (ratio vs the same-base torch step)
+        floor, floor_ratio = '-', '-'
+        if 'flops' in r:
+            base = results.get('AdamW' if 'betas' in r['defaults'] else 'SGD')
+            floor_s = r['flops'] / rate
+            floor = f'{floor_s:.3f}'
+            if base:
+                floor_ratio = f"{(base['iter'] + floor_s) / base['iter']:.2f}"
         print(f"{name:<10} {cell(r, 'plain'):>8} {cell(r, 'stat'):>8} "
               f"{cell(r, 'newton'):>9} {cell(r, 'exact'):>8} "
               f"{r['iter']:>11.3f} {ratio:>9} {ratio_sgd:>7} "
-              f"{r['mem'] / 2**20:>9.1f} {mem_ratio:>9}")
+              f"{r['mem'] / 2**20:>9.1f} {mem_ratio:>9} {floor:>12} "
+              f"{floor_ratio:>13}")
 
 
 if __name__ == '__main__':

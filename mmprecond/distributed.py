@@ -83,6 +83,44 @@ def all_reduce_sum_(tensors: List[Tensor], bucket_bytes: int = BUCKET_BYTES) -> 
     return len(plan)
 
 
+_HOST_GROUP: Dict[int, Optional['dist.ProcessGroup']] = {}
+
+
+def _host_group() -> Optional['dist.ProcessGroup']:
+    """A process group that reduces CPU tensors (``None``: the default one).
+
+    The default group already does when its backend is gloo (or a
+    ``cpu:gloo,cuda:nccl`` mix); under plain NCCL a gloo group over the
+    same ranks is created once.  Every rank reaches the first call at the
+    same point of the same step, as ``new_group`` requires.
+    """
+    key = id(dist.group.WORLD)  # a re-initialised world gets a new group
+    if key not in _HOST_GROUP:
+        backend = str(dist.get_backend()).lower()
+        _HOST_GROUP[key] = (None if 'gloo' in backend else
+                            dist.new_group(backend='gloo'))
+    return _HOST_GROUP[key]
+
+
+def all_reduce_ints(values: List[int]) -> List[int]:
+    """Sum Python ints across ranks without touching any device.
+
+    Host-side counters (rows of a statistic, calls of a module) are reduced
+    as a CPU tensor over a gloo group, so reading the result is no
+    host-device synchronisation, unlike ``.item()`` on a reduced CUDA
+    tensor.
+
+    Example:
+        >>> all_reduce_ints([3, 0])  # one process: unchanged
+        [3, 0]
+    """
+    if world_size() == 1 or not values:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, group=_host_group())
+    return [int(v) for v in t.tolist()]
+
+
 def assign_by_cost(costs: List[float], ranks: int) -> List[int]:
     """Owner rank of each task: greedy longest-processing-time balancing.
 

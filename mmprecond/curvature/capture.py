@@ -40,6 +40,7 @@ Example:
     >>> cap.buffers['0'].xx.shape, cap.buffers['0'].gg.shape
     (torch.Size([5, 5]), torch.Size([3, 3]))
 """
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -75,9 +76,9 @@ def supported_reason(module: nn.Module) -> Optional[str]:
 
 def factor_dims(module: nn.Module) -> Tuple[int, int]:
     """``(d_out, d_in)`` of the layer's Kronecker factors (bias included)."""
-    weight = module.weight
-    d_in = weight[0].numel() + (1 if module.bias is not None else 0)
-    return weight.shape[0], d_in
+    shape = module.weight.shape  # from the shape: no tensor op
+    d_in = math.prod(shape[1:]) + (1 if module.bias is not None else 0)
+    return shape[0], d_in
 
 
 def gradient_matrix(module: nn.Module) -> Optional[Tensor]:

@@ -16,10 +16,6 @@ from .defaults import adamw_defaults, sgdm_defaults
 from .nkfac import DEFAULT_MAX_FACTOR_DIM, _KroneckerInverse
 
 
-def _raw(statistic):
-    return statistic
-
-
 class _KroneckerRoot(_KroneckerInverse):
     """Kronecker preconditioner with ``L^{-1/p} G R^{-1/p}``, ``p`` in {2, 4}.
 
@@ -150,7 +146,7 @@ class SGDM_BK(_KroneckerRoot):
         >>> opt.step(); opt.zero_grad()
     """
 
-    normalize_statistic = staticmethod(_raw)
+    frobenius_statistics = False
 
     def __init__(self,
                  params: Iterable,
@@ -210,7 +206,7 @@ class AdamW_BK(_KroneckerRoot):
         >>> opt.step()
     """
 
-    normalize_statistic = staticmethod(_raw)
+    frobenius_statistics = False
 
     def __init__(self,
                  params: Iterable,

@@ -15,8 +15,8 @@ import torch.nn as nn
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
-from ..curvature.capture import factor_dims, split_gradient_matrix
-from ..curvature.factors import BatchStatistics, mean_update
+from ..curvature.capture import factor_dims, gradient_matrix, split_gradient_matrix
+from ..curvature.factors import BatchStatistics
 from ..distributed import Chunk, run_batched
 from ..linalg import EIGH_FAILED, batch_limit, eigh_batch, record_flags
 from .base import PrecondOptimizer, adamw_update, check_positive, check_unit_interval
@@ -216,18 +216,18 @@ class AdamR(PrecondOptimizer):
       same role for inverses; SOAP (Vyas et al., 2024) refreshes its
       eigenbasis this way.
     * A layer whose rotated gradient is not finite (a corrupted basis, an
-      overflowing gradient) **skips that step**: its ``M`` and ``V`` stay as
-      they were, its weight and bias only take the decoupled weight decay,
-      and the bias-correction counter still advances.  The test runs on
-      the device (``torch.where``), so the base class never sees a
-      non-finite direction and no step reads a value back; the count
+      overflowing gradient; before its first basis, its raw gradient)
+      **skips that step**: its ``M`` and ``V`` stay as they were, its
+      weight and bias only take the decoupled weight decay, and the
+      bias-correction counter still advances.  The test runs on the device
+      (``torch.where``), so no step reads a value back; the count
       (``'nonfinite_rotated_gradient'``, like ``'power_step_failure'``) is
-      added to :attr:`fallbacks` at every eigh refresh, in
-      :meth:`state_dict`, and by :meth:`sync_fallbacks`.  A basis that is
-      still not finite at the next eigh refresh is dropped and that layer's
-      moments restart (``'nonfinite_basis'``).  Before a layer's first
-      basis its rotated and raw gradients coincide, and the base class's
-      own fallback applies.
+      kept on the device and read by :attr:`fallbacks` ``.counts``.  A
+      basis that is still not finite at the next eigh refresh is dropped
+      and that layer's moments restart (``'nonfinite_basis'``).
+    * The step of all layers of a parameter group is batched: moments,
+      bias corrections and the weight update use foreach kernels; the
+      rotations are two matmuls per side and layer.
     * Adam moments and the bias-correction counter live per layer, in
       ``layer_state[name]`` (``exp_avg``, ``exp_avg_sq``, ``step``), so
       they are checkpointed by module name.  ``betas`` and ``eps`` come from
@@ -328,6 +328,8 @@ class AdamR(PrecondOptimizer):
         ['L', 'L_count', 'R', 'R_count', 'U1', 'U2', 'exp_avg', 'exp_avg_sq', 'step']
     """
 
+    checks_statistics_on_device = True
+
     def __init__(self,
                  params: Iterable,
                  lr: float = 1e-3,
@@ -380,10 +382,8 @@ class AdamR(PrecondOptimizer):
         self.power_interval = (None if power_interval is None else
                                int(power_interval))
         self.shard_basis = bool(shard_basis)
-        # device-side counters of fallbacks taken on steps that must not
-        # synchronise; folded into ``fallbacks`` at each eigh refresh
-        self._device_counts: Dict[str, Tensor] = {}
-        self._finite: Dict[str, Tensor] = {}
+        # transposed views of the current bases (see _transpose)
+        self._transposes: Dict[int, Tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------ statistics
     def _sides(self, module: nn.Module) -> Tuple[str, ...]:
@@ -392,6 +392,13 @@ class AdamR(PrecondOptimizer):
                      if self.side_enabled(dim))
 
     def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
+        """Running means of the statistics, folded with batched kernels.
+
+        The counts are CPU tensors (read without a device sync); a non-finite
+        statistic is not folded (substituted on the device and counted), but
+        its count still advances, since the host does not look.
+        """
+        items, counts = [], []
         for name, module in self.layers.items():
             st = self.layer_state.setdefault(name, {})
             batch = stats[name]
@@ -399,10 +406,14 @@ class AdamR(PrecondOptimizer):
                 new = batch.gg if side == 'L' else batch.xx
                 if new is None:
                     continue
-                count = st.get(side + '_count')
-                k = 1 if count is None else int(count.item()) + 1
-                st[side] = mean_update(st.get(side), new, k)
-                st[side + '_count'] = torch.tensor(k)
+                if side + '_count' not in st:
+                    st[side + '_count'] = torch.zeros((), dtype=torch.int64)
+                counts.append(st[side + '_count'])
+                items.append((st, side, f'{name}.{side}', new))
+        if not items:
+            return
+        torch._foreach_add_(counts, 1)
+        self.fold_statistics(items, [1.0 / k for k in torch.stack(counts).tolist()])
 
     # ----------------------------------------------------------------- bases
     def is_basis_step(self, step: int) -> bool:
@@ -414,9 +425,11 @@ class AdamR(PrecondOptimizer):
 
     def update_preconditioners(self, step: int) -> None:
         if self.is_basis_step(step):
+            self._transposes.clear()
             self._eigh_refresh()
         elif (self.power_interval is not None and step > 0
               and step % self.power_interval == 0):
+            self._transposes.clear()
             self._power_refresh()
 
     def _eigh_refresh(self) -> None:
@@ -517,7 +530,10 @@ class AdamR(PrecondOptimizer):
             old = torch.stack([self.layer_state[n][k]
                                for n, _, k in members]).to(factors.dtype)
             new, ok = power_step_basis(factors, old)
-            self._count_on_device('power_step_failure', (~ok).sum())
+            self.fallbacks.record_flags(
+                'power_step_failure', ~ok,
+                [f'{n}.{k}' for n, _, k in members],
+                _DEVICE_FALLBACKS['power_step_failure'])
             eye = torch.eye(new.shape[-1], dtype=new.dtype, device=new.device)
             moved = torch.where(ok[:, None, None], new.mT @ old, eye)
             for i, (name, _, key) in enumerate(members):
@@ -541,26 +557,14 @@ class AdamR(PrecondOptimizer):
         # 'keep': Algorithm 6 carries M and V over unchanged
 
     # ---------------------------------------------------------- fallbacks
-    def _count_on_device(self, kind: str, n: Tensor) -> None:
-        count = self._device_counts.get(kind)
-        if count is None:
-            self._device_counts[kind] = n.to(torch.int64, copy=True)
-        else:
-            count.add_(n)
-
     def sync_fallbacks(self) -> None:
-        """Add the fallbacks counted on the device to :attr:`fallbacks`.
+        """Read the fallbacks counted on the device into ``fallbacks``.
 
-        Called at every eigh refresh and by :meth:`state_dict`; call it
-        yourself before reading ``fallbacks.counts`` at another time.  It
-        reads device values, so :meth:`step` never calls it on plain or
-        statistics steps.
+        Kept for compatibility: ``fallbacks.counts`` now reads them itself
+        whenever it is accessed.  It reads device values, so :meth:`step`
+        never calls it on plain or statistics steps.
         """
-        for kind, count in self._device_counts.items():
-            n = int(count.item())
-            if n:
-                self.fallbacks.record(kind, _DEVICE_FALLBACKS[kind], n)
-        self._device_counts = {}
+        self.fallbacks.counts  # noqa: B018 (the property reads them)
 
     def state_dict(self) -> dict:
         self.sync_fallbacks()
@@ -572,93 +576,142 @@ class AdamR(PrecondOptimizer):
         """The gradient in the layer's eigenbasis, ``U1^T G U2``.
 
         ``None`` while the layer has no basis yet (identity rotation).  The
-        Adam step on it happens in :meth:`base_step`.  Where the rotated
-        gradient is not finite it is returned as zeros, and the layer skips
-        this step (see the class notes); the test stays on the device.
+        Adam step on it happens in :meth:`base_step`.
         """
         st = self.layer_state.get(name)
         if not st or ('U1' not in st and 'U2' not in st):
             return None
-        g = self._rotate(st, grad.to(_work_dtype(grad)), back=False)
-        ok = torch.isfinite(g).all()
-        self._finite[name] = ok
-        self._count_on_device('nonfinite_rotated_gradient', ~ok)
-        return torch.where(ok, g, torch.zeros((), dtype=g.dtype,
-                                              device=g.device))
+        return self._rotate(st, grad.to(_work_dtype(grad)), back=False)
 
-    @staticmethod
-    def _rotate(st: Dict[str, Tensor], a: Tensor, back: bool) -> Tensor:
+    def preconditioned_gradients(self, directions: Dict[Tensor, Tensor]):
+        """None: AdamR's layers take their rotated Adam step in :meth:`base_step`."""
+        return iter(())
+
+    def _rotate(self, st: Dict[str, Tensor], a: Tensor, back: bool) -> Tensor:
         """``U1^T a U2`` (into the basis) or ``U1 a U2^T`` (``back``)."""
         u1, u2 = st.get('U1'), st.get('U2')
         if u1 is not None:
             u1 = u1.to(a.dtype)
-            a = (u1 if back else u1.T) @ a
+            a = (u1 if back else self._transpose(u1)) @ a
         if u2 is not None:
             u2 = u2.to(a.dtype)
-            a = a @ (u2.T if back else u2)
+            a = a @ (self._transpose(u2) if back else u2)
         return a
 
-    def _rotated_adam(self, name: str, g: Tensor,
-                      group: dict) -> Tuple[Tensor, float]:
-        """Adam on the rotated gradient ``g``; the un-rotated step, ``bc1``.
+    def _transpose(self, u: Tensor) -> Tensor:
+        """``u.T``, the view made once per basis rather than twice a step.
 
-        Returns ``U1 N U2^T`` with ``N = M / (sqrt(V / bc2) + eps)``; the
-        caller scales it by ``lr / bc1``, as ``torch.optim.AdamW`` does.
+        Cached by identity for the bases in ``layer_state`` (cleared at every
+        refresh, so no old basis is kept alive).
+        """
+        hit = self._transposes.get(id(u))
+        if hit is None or hit[0] is not u:
+            hit = (u, u.T)
+            if any(u is st.get(k) for st in self.layer_state.values()
+                   for k in ('U1', 'U2')):
+                self._transposes[id(u)] = hit
+        return hit[1]
+
+    def _rotated_adam(self, group: dict, names: List[str],
+                      grads: List[Tensor]) -> Tuple[List[Tensor], List[float]]:
+        """Adam in each layer's basis, batched over the layers of ``group``.
+
+        ``grads`` are the layers' gradients in their bases.  Returns the
+        un-rotated steps ``U1 N U2^T`` with ``N = M / (sqrt(V / bc2) +
+        eps)`` and each layer's ``bc1``; the caller scales by ``lr / bc1``,
+        as ``torch.optim.AdamW`` does.  A layer whose gradient is not finite
+        skips the step (``M``, ``V`` unchanged, zero step), decided on the
+        device and counted under ``'nonfinite_rotated_gradient'``.
         """
         beta1, beta2 = group['betas']
-        st = self.layer_state.setdefault(name, {})
-        if 'exp_avg' not in st:
-            st['step'] = torch.zeros((), dtype=torch.float32)
-            st['exp_avg'] = torch.zeros_like(g, dtype=_work_dtype(g))
-            st['exp_avg_sq'] = torch.zeros_like(st['exp_avg'])
-        st['step'] += 1
-        k = int(st['step'].item())  # a CPU tensor: no device sync
-        m, v = st['exp_avg'], st['exp_avg_sq']
-        g = g.to(m.dtype)
-        ok = self._finite.pop(name, None)
-        if ok is None:
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2)
-        else:  # a skipped step (g = 0 there) leaves M and V as they were
-            m.lerp_(g, ok.to(m.dtype) * (1 - beta1))
-            v.mul_(torch.where(ok, beta2, 1.0).to(v.dtype))
-        v.addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / math.sqrt(1 - beta2**k)).add_(group['eps'])
-        step = self._rotate(st, m / denom, back=True)
-        if ok is not None:
-            step = torch.where(ok, step, torch.zeros((), dtype=step.dtype,
-                                                     device=step.device))
-        return step, 1 - beta1**k
+        states = []
+        for name, g in zip(names, grads):
+            st = self.layer_state.setdefault(name, {})
+            if 'exp_avg' not in st:
+                st['step'] = torch.zeros((), dtype=torch.float32)
+                st['exp_avg'] = torch.zeros_like(g, dtype=_work_dtype(g))
+                st['exp_avg_sq'] = torch.zeros_like(st['exp_avg'])
+            states.append(st)
+        steps = [st['step'] for st in states]
+        torch._foreach_add_(steps, 1.0)
+        # CPU tensors: read without a device sync, all at once
+        ks = [int(k) for k in torch.stack(steps).tolist()]
+        ms = [st['exp_avg'] for st in states]
+        vs = [st['exp_avg_sq'] for st in states]
+        ok = torch.isfinite(torch.stack(torch._foreach_norm(grads)))
+        self.fallbacks.record_flags('nonfinite_rotated_gradient', ~ok, names,
+                                    _DEVICE_FALLBACKS['nonfinite_rotated_gradient'])
+        flags = ok.unbind()
+        zero = ms[0].new_zeros(())  # one scalar for every where below
+        grads = [torch.where(f, g.to(m.dtype), zero)
+                 for f, g, m in zip(flags, grads, ms)]
+        okf = ok.to(ms[0].dtype)
+        # a skipped layer: no change of M (weight 0) nor of V (decay 1)
+        torch._foreach_lerp_(ms, grads, (okf * (1 - beta1)).unbind())
+        torch._foreach_mul_(vs, torch.where(ok, beta2, 1.0).to(okf).unbind())
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        denoms = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denoms, [math.sqrt(1 - beta2**k) for k in ks])
+        torch._foreach_add_(denoms, group['eps'])
+        normalized = torch._foreach_div(ms, denoms)
+        # zero step when skipped (after the rotation: a NaN basis gives NaN)
+        return ([torch.where(f, self._rotate(st, n, back=True), zero)
+                 for f, st, n in zip(flags, states, normalized)],
+                [1 - beta1**k for k in ks])
 
     # ------------------------------------------------------------ base step
     def base_step(self, directions: Dict[Tensor, Tensor]) -> None:
         """Rotated Adam for preconditioned layers, AdamW for the rest.
 
-        ``directions`` holds, for each preconditioned layer, its gradient in
-        the layer's current basis (:meth:`precondition`; the raw gradient
-        while the basis is the identity), split into weight and bias.
+        Every layer's ``[weight | bias]`` gradient is rotated into its basis
+        (identity until the first), the Adam moments of all layers of a
+        parameter group are updated with foreach kernels, and the weights
+        take ``p *= 1 - lr wd;  p -= lr / bc1 * U1 N U2^T`` with their own
+        group's ``lr`` / ``weight_decay`` (the bias with its group's).
         """
         group_of = {id(p): g for g in self.param_groups for p in g['params']}
-        done = set()
+        batches: Dict[int, Tuple[dict, list]] = {}
         for name, module in self.layers.items():
-            weight, bias = module.weight, module.bias
-            gw = directions.get(weight)
-            if gw is None:
+            g = gradient_matrix(module)
+            if g is None:
                 continue
-            g = gw.reshape(gw.shape[0], -1)
-            if bias is not None:
-                gb = directions.get(bias)
-                gb = torch.zeros_like(g[:, :1]) if gb is None else gb
-                g = torch.cat([g, gb.reshape(-1, 1).to(g.dtype)], dim=1)
-            step, bc1 = self._rotated_adam(name, g, group_of[id(weight)])
-            dw, db = split_gradient_matrix(module, step)
-            _decoupled_step(weight, dw, group_of[id(weight)], bc1)
-            done.add(id(weight))
-            if bias is not None and id(bias) in group_of:
-                done.add(id(bias))
-                if bias.grad is not None:
-                    _decoupled_step(bias, db, group_of[id(bias)], bc1)
-        self._finite.clear()
+            rotated = self.precondition(name, module, g)
+            group = group_of[id(module.weight)]
+            batches.setdefault(id(group), (group, []))[1].append(
+                (name, module, g.to(_work_dtype(g)) if rotated is None else rotated))
+        params, updates, decays, scales = [], [], [], []
+        done = set()
+        for group, layers in batches.values():
+            names, modules, grads = zip(*layers)
+            steps, bc1s = self._rotated_adam(group, list(names), list(grads))
+            for module, step, bc1 in zip(modules, steps, bc1s):
+                weight, bias = module.weight, module.bias
+                dw, db = split_gradient_matrix(module, step)
+                pairs = [(weight, dw)]
+                if bias is not None and id(bias) in group_of:
+                    done.add(id(bias))
+                    if bias.grad is not None:
+                        pairs.append((bias, db))
+                done.add(id(weight))
+                for p, d in pairs:
+                    g_p = group_of[id(p)]
+                    params.append(p)
+                    updates.append(d.to(p.dtype))
+                    decays.append(1 - g_p['lr'] * g_p['weight_decay'])
+                    scales.append(-g_p['lr'] / bc1)
+        if params:
+            decayed = [(p, f) for p, f in zip(params, decays) if f != 1]
+            if decayed:
+                torch._foreach_mul_([p for p, _ in decayed],
+                                    [f for _, f in decayed])
+            # ``p.add_(d, alpha=-lr / bc1)``: one foreach add per distinct
+            # step size (layers of a group share lr and, mostly, the count)
+            by_scale: Dict[float, List[int]] = {}
+            for i, a in enumerate(scales):
+                by_scale.setdefault(a, []).append(i)
+            for a, idx in by_scale.items():
+                torch._foreach_add_([params[i] for i in idx],
+                                    [updates[i] for i in idx], alpha=a)
         rest = {p: d for p, d in directions.items() if id(p) not in done}
         for group in self.param_groups:
             adamw_update(group, self.state, rest)
@@ -666,6 +719,7 @@ class AdamR(PrecondOptimizer):
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict: dict) -> None:
         """Load as the base class does; per-layer counters stay on the CPU."""
+        self._transposes.clear()
         super().load_state_dict(state_dict)
         for st in self.layer_state.values():
             for key in _CPU_KEYS:
@@ -675,8 +729,8 @@ class AdamR(PrecondOptimizer):
 
 #: Messages of the fallbacks counted on the device (:meth:`AdamR.sync_fallbacks`).
 _DEVICE_FALLBACKS = dict(
-    nonfinite_rotated_gradient='a rotated gradient was not finite; that '
-    'layer skipped the step (moments unchanged, weight decay applied)',
+    nonfinite_rotated_gradient='a (rotated) layer gradient was not finite; '
+    'that layer skipped the step (moments unchanged, weight decay applied)',
     power_step_failure='a power-step basis refresh was not finite; the '
     'previous basis was kept')
 
@@ -690,12 +744,4 @@ def _reset_moments(st: Dict[str, Tensor]) -> None:
 
 def _work_dtype(t: Tensor) -> torch.dtype:
     """fp32, or the tensor's dtype if it is wider (fp64)."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def _decoupled_step(p: Tensor, d: Tensor, group: dict, bc1: float) -> None:
-    """``p *= 1 - lr wd;  p -= lr / bc1 * d`` (the AdamW update of ``p``)."""
-    lr, wd = group['lr'], group['weight_decay']
-    if wd != 0:
-        p.mul_(1 - lr * wd)
-    p.add_(d.to(p.dtype), alpha=-lr / bc1)
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

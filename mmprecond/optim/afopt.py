@@ -13,8 +13,8 @@ Notation (row convention, one window / sequence ``b`` and head ``h``):
 and the head output, the input of the projection layer, is
 ``o_i = sum_j s_ij v_j`` (``X_P`` stacks the ``o_i`` of all heads).
 """
-import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -33,8 +33,8 @@ from ..curvature.attention import (
     merge_heads,
 )
 from ..curvature.capture import input_rows_gram
-from ..curvature.factors import BatchStatistics, ema_update
-from ..distributed import all_reduce_sum_, world_size
+from ..curvature.factors import BatchStatistics
+from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
 from .fsgd import DEFAULT_MAX_FACTOR_DIM, FeatureDescent, adamw_defaults, sgdm_defaults
 
 #: Elements of the largest ``(b, H, N, N)`` temporary of the softmax
@@ -136,8 +136,24 @@ def value_inputs(xp: Tensor, block: ProjectionBlock, jitter: float) -> Tensor:
         xp = xp - bias.detach().float()
     wvv = w.T @ w
     wvv.diagonal().add_(jitter)
-    pinv = torch.linalg.solve(wvv, w.T)  # (C_in, C_v)
+    # solve_ex: no error check, which would read the device; a failed
+    # solve gives non-finite statistics, which are then not folded
+    pinv = torch.linalg.solve_ex(wvv, w.T)[0]  # (C_in, C_v)
     return xp @ pinv.T
+
+
+def _store_block_direction(block: ProjectionBlock, in_dim: int,
+                           directions: Dict[Tensor, Tensor], copied: set,
+                           d: Tensor) -> None:
+    """Write ``d = [dW_block, db_block]`` into the rows of its parameters."""
+    for param, rows, part in ((block.weight, block.rows, d[:, :in_dim]),
+                              (block.bias, block.bias_rows, d[:, -1])):
+        if param is None or param not in directions:
+            continue
+        if param not in copied:
+            directions[param] = directions[param].clone()
+            copied.add(param)
+        directions[param][rows] = part.to(directions[param].dtype)
 
 
 def accumulate_record(sums: AttentionSums, rec: AttentionRecord,
@@ -253,7 +269,11 @@ class AttentionFeatureDescent(FeatureDescent):
 
     # ------------------------------------------------------------ statistics
     def _reduce_sums(self) -> None:
-        """Sum every attention module's statistics over ranks (fixed order)."""
+        """Sum every attention module's statistics over ranks (fixed order).
+
+        The token counts are host ints summed over a CPU group, so nothing
+        is read from the device.
+        """
         tensors: List[Tensor] = []
         for name, (_, layout) in self.attention.items():
             s = self.attention_sums[name]
@@ -265,29 +285,24 @@ class AttentionFeatureDescent(FeatureDescent):
                 if getattr(s, key) is None:
                     setattr(s, key, torch.zeros(shape, device=dev))
                 tensors.append(getattr(s, key))
-            tensors.append(torch.tensor([float(s.rows)], device=dev))
         all_reduce_sum_(tensors)
-        for i, name in enumerate(self.attention):
-            self.attention_sums[name].rows = int(tensors[5 * i + 4].item())
+        rows = all_reduce_ints([self.attention_sums[n].rows for n in self.attention])
+        for name, total in zip(self.attention, rows):
+            self.attention_sums[name].rows = total
 
     def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
         super().update_statistics(stats, step)
         if world_size() > 1:
             self._reduce_sums()
+        items = []
         for name in self.attention:
             s = self.attention_sums[name]
             if s.rows == 0:
                 continue
-            new = dict(R=s.xx, LQ=s.lq, LK=s.lk, RV=s.vv)
             st = self.layer_state.setdefault(name, {})
-            for key, total in new.items():
-                mean = total / s.rows
-                if not bool(torch.isfinite(mean).all()):
-                    self.fallbacks.record(
-                        'nonfinite_statistics',
-                        f'non-finite {key} statistic in {name}; not folded')
-                    continue
-                st[key] = ema_update(st.get(key), mean, self.stat_decay)
+            for key, total in dict(R=s.xx, LQ=s.lq, LK=s.lk, RV=s.vv).items():
+                items.append((st, key, f'{name}.{key}', total / s.rows))
+        self.fold_statistics(items, 1 - self.stat_decay)
         self._reset_sums()
 
     def _refresh_slots(self, step: int) -> List[Tuple[Dict[str, Tensor], str]]:
@@ -318,7 +333,7 @@ class AttentionFeatureDescent(FeatureDescent):
         return g
 
     def attention_direction(self, name: str, key: str, g: Tensor) -> Optional[Tensor]:
-        """Preconditioned, norm-recovered ``[dW, db]`` of block ``key``.
+        """Preconditioned ``[dW, db]`` of block ``key`` (before norm recovery).
 
         ``q``: ``D_QQ^h G_Q^h D_XX`` per head ``h``; ``k``: ``D_KK^h G_K^h
         D_XX``; ``v``: ``G_V D_VV``.  A missing inverse counts as identity;
@@ -334,39 +349,26 @@ class AttentionFeatureDescent(FeatureDescent):
             pg = (st[left] @ pg.reshape(heads, -1, pg.shape[1])).reshape(pg.shape)
         if right in st:
             pg = pg @ st[right]
-        if pg is g:
-            return None
-        return self.recover(pg, g)
+        return None if pg is g else pg
 
-    def base_step(self, directions: Dict[Tensor, Tensor]) -> None:
-        clock = time.perf_counter()
+    def preconditioned_gradients(self, directions: Dict[Tensor, Tensor]):
+        """The FSGD layers' items, then one per attention ``Q``/``K``/``V`` block.
+
+        A block's direction replaces its rows of the (possibly fused)
+        projection's direction, which is copied first, never the gradient.
+        """
+        yield from super().preconditioned_gradients(directions)
+        copied: set = set()
         for name, (_, layout) in self.attention.items():
-            new: Dict[Tensor, Tensor] = {}
             for key, block in layout.blocks.items():
                 g = self._block_grad(block, layout.has_bias)
                 if g is None:
                     continue
                 pg = self.attention_direction(name, key, g)
-                if pg is None:
-                    continue
-                if not bool(torch.isfinite(pg).all()):
-                    self.fallbacks.record(
-                        'nonfinite_direction',
-                        f'preconditioned gradient of {name} ({key}) is not '
-                        'finite; the raw gradient is used for this step')
-                    continue
-                w = block.weight
-                if w not in new:
-                    new[w] = directions[w].clone()
-                new[w][block.rows] = pg[:, :layout.in_dim].to(new[w].dtype)
-                if block.bias is not None and block.bias in directions:
-                    b = block.bias
-                    if b not in new:
-                        new[b] = directions[b].clone()
-                    new[b][block.bias_rows] = pg[:, -1].to(new[b].dtype)
-            directions.update(new)
-        self.phase_seconds['precondition'] += time.perf_counter() - clock
-        super().base_step(directions)
+                if pg is not None:
+                    yield (f'{name}.{key}', g, pg,
+                           partial(_store_block_direction, block, layout.in_dim,
+                                   directions, copied))
 
     # ------------------------------------------------------------- lifecycle
     @torch.no_grad()

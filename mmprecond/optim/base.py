@@ -20,12 +20,26 @@ Subclasses implement only the algorithm-specific parts
 import math
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from functools import partial
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.adamw import adamw as adamw_functional
+from torch.optim.sgd import sgd as sgd_functional
 
 from ..curvature.capture import (
     LayerCapture,
@@ -34,8 +48,13 @@ from ..curvature.capture import (
     split_gradient_matrix,
     supported_reason,
 )
-from ..curvature.factors import BatchStatistics, batch_statistics
-from ..distributed import all_reduce_sum_, world_size
+from ..curvature.factors import (
+    BatchStatistics,
+    batch_statistics,
+    batched_statistics,
+    fold_statistics_,
+)
+from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
 from ..logging import FallbackLog
 
 MISSING_MODEL_MSG = (
@@ -67,23 +86,27 @@ def sgdm_update(group: Dict[str, Any], state: Dict[Tensor, Dict[str, Any]],
     """``torch.optim.SGD`` semantics (coupled L2 weight decay, no dampening).
 
     ``d = g + wd * p``; ``buf = mu * buf + d`` (``buf = d`` at first);
-    ``p -= lr * (d + mu * buf if nesterov else buf)``.
+    ``p -= lr * (d + mu * buf if nesterov else buf)``.  Runs torch's own
+    multi-tensor (foreach) SGD on the parameters of ``group`` that have a
+    direction, so the arithmetic is torch's, op for op.
     """
-    lr, wd, mu = group['lr'], group['weight_decay'], group['momentum']
-    for p in group['params']:
-        g = directions.get(p)
-        if g is None:
-            continue
-        d = g.add(p, alpha=wd) if wd != 0 else g
-        if mu != 0:
-            st = state[p]
-            buf = st.get('momentum_buffer')
-            if buf is None:
-                buf = st['momentum_buffer'] = d.clone()
-            else:
-                buf.mul_(mu).add_(d)
-            d = d.add(buf, alpha=mu) if group['nesterov'] else buf
-        p.add_(d, alpha=-lr)
+    params = [p for p in group['params'] if p in directions]
+    if not params:
+        return
+    bufs = [state[p].get('momentum_buffer') for p in params]
+    sgd_functional(
+        params, [directions[p] for p in params],
+        bufs,
+        foreach=True,
+        weight_decay=group['weight_decay'],
+        momentum=group['momentum'],
+        lr=group['lr'],
+        dampening=0.0,
+        nesterov=group['nesterov'],
+        maximize=False)
+    if group['momentum'] != 0:
+        for p, buf in zip(params, bufs):
+            state[p]['momentum_buffer'] = buf
 
 
 def adamw_update(group: Dict[str, Any], state: Dict[Tensor, Dict[str, Any]],
@@ -91,34 +114,53 @@ def adamw_update(group: Dict[str, Any], state: Dict[Tensor, Dict[str, Any]],
     """``torch.optim.AdamW`` semantics (decoupled weight decay).
 
     ``p *= 1 - lr * wd``; ``m, v`` moments with bias correction;
-    ``p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``.
+    ``p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``.  Runs torch's own
+    multi-tensor (foreach) AdamW; the step counts are 0-dim CPU tensors in
+    ``state`` as torch keeps them (reading one is no device sync).
     """
-    lr, wd, eps = group['lr'], group['weight_decay'], group['eps']
-    beta1, beta2 = group['betas']
-    for p in group['params']:
-        g = directions.get(p)
-        if g is None:
-            continue
+    params = [p for p in group['params'] if p in directions]
+    if not params:
+        return
+    for p in params:
         st = state[p]
         if 'step' not in st:
             st['step'] = torch.zeros((), dtype=torch.float32)
             st['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st['exp_avg_sq'] = torch.zeros_like(
                 p, memory_format=torch.preserve_format)
-        st['step'] += 1
-        k = int(st['step'].item())
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        m, v = st['exp_avg'], st['exp_avg_sq']
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bc1 = 1 - beta1**k
-        bc2 = 1 - beta2**k
-        denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / bc1)
+    beta1, beta2 = group['betas']
+    adamw_functional(
+        params, [directions[p] for p in params],
+        [state[p]['exp_avg'] for p in params],
+        [state[p]['exp_avg_sq'] for p in params], [],
+        [state[p]['step'] for p in params],
+        foreach=True,
+        has_complex=any(torch.is_complex(p) for p in params),
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=group['lr'],
+        weight_decay=group['weight_decay'],
+        eps=group['eps'],
+        maximize=False)
 
 
 BASE_UPDATES: Dict[str, Callable] = dict(sgdm=sgdm_update, adamw=adamw_update)
+
+#: Where statistics are averaged over ranks: ``'every_step'`` reduces each
+#: statistics step's sums (DDP equals one process on the concatenated batch);
+#: ``'before_refresh'`` folds each rank's own statistics and averages the
+#: running factors just before a refresh, as the NKFAC authors' code does.
+STAT_REDUCTIONS = ('every_step', 'before_refresh')
+
+
+def _store_layer_direction(module: nn.Module, directions: Dict[Tensor, Tensor],
+                           d: Tensor) -> None:
+    """Split a layer's direction matrix into its weight / bias entries."""
+    gw, gb = split_gradient_matrix(module, d.to(module.weight.grad.dtype))
+    directions[module.weight] = gw
+    if gb is not None:
+        directions[module.bias] = gb
 
 
 class PrecondOptimizer(Optimizer):
@@ -137,6 +179,16 @@ class PrecondOptimizer(Optimizer):
             side of the layer is left unpreconditioned (identity), and a layer
             with both sides too large gets the plain base update.
         layer_types (tuple): Module types eligible for preconditioning.
+        reduce_statistics (str): Under torch.distributed, ``'every_step'``
+            (default) all-reduces every statistics step's sums, so DDP
+            equals one process on the concatenated batch;
+            ``'before_refresh'`` folds each rank's own statistics and
+            averages the running factors right before a refresh, as the
+            NKFAC authors' code does: about ``T_inv / T_stat`` times less
+            traffic, but not the single-process result (with per-step
+            Frobenius normalisation a mean of normalised statistics is not
+            the normalised mean; see ``benchmarks/bench_stat_reduction.py``).
+            Only for optimizers that define :attr:`statistic_keys`.
 
     Attributes:
         fallbacks (FallbackLog): Counts of every fallback taken.
@@ -153,6 +205,19 @@ class PrecondOptimizer(Optimizer):
     #: the model.
     requires_model = True
 
+    #: ``layer_state`` keys of the running statistics that
+    #: ``reduce_statistics='before_refresh'`` averages over ranks (empty: the
+    #: optimizer does not offer that mode).
+    statistic_keys: Tuple[str, ...] = ()
+
+    #: Whether :meth:`update_statistics` handles non-finite statistics on
+    #: the device (:meth:`fold_statistics`); otherwise they are dropped
+    #: after a host-side check, which synchronises.
+    checks_statistics_on_device = False
+
+    #: Rescale each preconditioned direction to its raw gradient's norm.
+    grad_norm_recovery = False
+
     def __init__(self,
                  params: Iterable,
                  defaults: Dict[str, Any],
@@ -160,7 +225,8 @@ class PrecondOptimizer(Optimizer):
                  base: str,
                  stat_interval: int,
                  max_factor_dim: int,
-                 layer_types: tuple = (nn.Linear, nn.Conv2d)) -> None:
+                 layer_types: tuple = (nn.Linear, nn.Conv2d),
+                 reduce_statistics: str = 'every_step') -> None:
         if model is None:
             raise TypeError(MISSING_MODEL_MSG.format(name=type(self).__name__))
         if base not in BASE_UPDATES:
@@ -169,7 +235,14 @@ class PrecondOptimizer(Optimizer):
             raise ValueError(f'Invalid stat_interval: {stat_interval} (>= 1)')
         if int(max_factor_dim) < 1:
             raise ValueError(f'Invalid max_factor_dim: {max_factor_dim} (>= 1)')
+        if reduce_statistics not in STAT_REDUCTIONS:
+            raise ValueError(f'Invalid reduce_statistics: {reduce_statistics!r} '
+                             f'(one of {STAT_REDUCTIONS})')
+        if reduce_statistics != 'every_step' and not self.statistic_keys:
+            raise ValueError(f'{type(self).__name__} supports only '
+                             "reduce_statistics='every_step'")
         super().__init__(params, defaults)
+        self.reduce_statistics = reduce_statistics
         self.base = base
         self.stat_interval = int(stat_interval)
         self.max_factor_dim = int(max_factor_dim)
@@ -257,55 +330,67 @@ class PrecondOptimizer(Optimizer):
             self.capture.clear()
         super().zero_grad(set_to_none=set_to_none)
 
-    def _loss_scale(self) -> float:
+    def _loss_scale(self) -> Union[float, Tensor]:
+        """The AMP loss scale: the scaler's device tensor, never read here.
+
+        ``GradScaler.get_scale()`` would read it with ``.item()`` (a sync);
+        its tensor is used directly when the scaler exposes it.
+        """
         scaler = self.grad_scaler
         if scaler is None or not getattr(scaler, 'is_enabled', lambda: True)():
             return 1.0
-        return float(scaler.get_scale())
+        get_async = getattr(scaler, '_get_scale_async', None)
+        scale = get_async() if get_async is not None else None
+        return float(scaler.get_scale()) if scale is None else scale
 
     def _reduced_statistics(self) -> Dict[str, BatchStatistics]:
         """This iteration's statistics of every layer, reduced over ranks.
 
         Every rank issues the same bucketed all-reduce over all layers in
         the same order (zeros for a layer that did not run here), so a head
-        that saw no RoIs on some rank cannot deadlock the others.
+        that saw no RoIs on some rank cannot deadlock the others.  Row
+        counts are host-side ints, summed over a CPU group
+        (:func:`~mmprecond.distributed.all_reduce_ints`), so no device value
+        is read.  With ``reduce_statistics='before_refresh'`` only the counts
+        are reduced here and the running factors later (see
+        :meth:`_reduce_running_factors`).
         """
         buffers = self.capture.buffers
-        if world_size() > 1:
-            tensors: List[Tensor] = []
-            counts: Dict[str, Tensor] = {}
-            for name, module in self.layers.items():
-                buf = buffers[name]
-                want_x, want_g = self.capture.sides[name]
-                d_out, d_in = factor_dims(module)
-                dev = module.weight.device
-                if want_x:
-                    if buf.xx is None:
-                        buf.xx = torch.zeros(d_in, d_in, device=dev)
-                    tensors.append(buf.xx)
-                if want_g:
-                    if buf.gg is None:
-                        buf.gg = torch.zeros(d_out, d_out, device=dev)
-                    tensors.append(buf.gg)
-                counts[name] = torch.tensor([buf.x_rows, buf.g_rows], device=dev,
-                                            dtype=torch.float32)
-                tensors.append(counts[name])
-            all_reduce_sum_(tensors)
-            # DDP averages gradients over ranks, so each rank's output
-            # gradients are ``world`` times their share of the averaged
-            # gradient: the summed Delta^T Delta is divided by world^2 to
-            # equal one process's statistic on the concatenated batch.
-            world = world_size()
-            for name in self.layers:
-                if buffers[name].gg is not None:
-                    buffers[name].gg.div_(world * world)
-                buffers[name].x_rows = int(counts[name][0].item())
-                buffers[name].g_rows = int(counts[name][1].item())
+        world = world_size()
         scale = self._loss_scale()
+        if world > 1:
+            rows = all_reduce_ints([
+                r for name in self.layers
+                for r in (buffers[name].x_rows, buffers[name].g_rows)
+            ])
+            if self.reduce_statistics == 'every_step':
+                tensors: List[Tensor] = []
+                for i, name in enumerate(self.layers):
+                    tensors += self._zero_filled_sums(name)
+                    buffers[name].x_rows = rows[2 * i]
+                    buffers[name].g_rows = rows[2 * i + 1]
+                all_reduce_sum_(tensors)
+                # DDP averages gradients over ranks, so each rank's output
+                # gradients are ``world`` times their share of the averaged
+                # gradient: the summed Delta^T Delta is divided by world^2 to
+                # equal one process's statistic on the concatenated batch.
+                scale *= world
+            else:
+                # Every rank forms the factors that any rank has statistics
+                # for; a rank where the layer did not run folds a zero
+                # statistic (the running factors are averaged at refresh).
+                for i, name in enumerate(self.layers):
+                    buf = buffers[name]
+                    if rows[2 * i] and not buf.x_rows:
+                        buf.xx, buf.x_rows = self._zero_filled_sums(name)[0], 1
+                    if rows[2 * i + 1] and not buf.g_rows:
+                        buf.gg, buf.g_rows = self._zero_filled_sums(name)[-1], 1
+        if self.checks_statistics_on_device:
+            return batched_statistics(buffers, scale)
         out = {}
-        for name in self.layers:
-            stats = batch_statistics(buffers[name], scale)
+        for name in self.layers:  # host-side finiteness check (syncs)
             buf = buffers[name]
+            stats = batch_statistics(buf, float(scale))
             if (buf.x_rows > 0 and stats.xx is None) or (buf.g_rows > 0
                                                          and stats.gg is None):
                 self.fallbacks.record(
@@ -314,9 +399,111 @@ class PrecondOptimizer(Optimizer):
             out[name] = stats
         return out
 
+    def _zero_filled_sums(self, name: str) -> List[Tensor]:
+        """The wanted ``[X^T X, Delta^T Delta]`` sums of ``name``, zeros if absent."""
+        buf = self.capture.buffers[name]
+        want_x, want_g = self.capture.sides[name]
+        d_out, d_in = factor_dims(self.layers[name])
+        dev = self.layers[name].weight.device
+        out = []
+        if want_x:
+            if buf.xx is None:
+                buf.xx = torch.zeros(d_in, d_in, device=dev)
+            out.append(buf.xx)
+        if want_g:
+            if buf.gg is None:
+                buf.gg = torch.zeros(d_out, d_out, device=dev)
+            out.append(buf.gg)
+        return out
+
+    def fold_statistics(self, items: List[Tuple[Dict[str, Tensor], str, str, Tensor]],
+                        weight: Union[float, Sequence[float]],
+                        normalize: bool = False) -> None:
+        """Fold statistics into ``layer_state`` with batched kernels.
+
+        Each item is ``(state, key, label, new)``: ``state[key] += w (new -
+        state[key])`` (from zero; ``w`` is ``weight``, or ``weight[i]`` per
+        item), see :func:`~mmprecond.curvature.factors.fold_statistics_`.
+        Non-finite statistics are not folded and are counted on the device
+        under ``'nonfinite_statistics'`` (read when the log asks).
+        """
+        if not items:
+            return
+        folded, ok = fold_statistics_([st.get(key) for st, key, _, _ in items],
+                                      [new for *_, new in items], weight,
+                                      normalize)
+        for (st, key, _, _), running in zip(items, folded):
+            st[key] = running
+        self.fallbacks.record_flags(
+            'nonfinite_statistics', ok.logical_not(),
+            [label for _, _, label, _ in items],
+            'non-finite statistics were not folded')
+
+    def _reduce_running_factors(self) -> None:
+        """Average the running statistics over ranks (``'before_refresh'``)."""
+        tensors = [st[key] for name in self.layers
+                   for st in [self.layer_state.get(name, {})]
+                   for key in self.statistic_keys if key in st]
+        all_reduce_sum_(tensors)
+        if tensors:
+            torch._foreach_div_(tensors, float(world_size()))
+
+    def refresh_due(self, step: int) -> bool:
+        """Whether :meth:`update_preconditioners` refreshes anything at ``step``.
+
+        Only consulted with ``reduce_statistics='before_refresh'`` under
+        torch.distributed; subclasses that offer that mode override it.
+        """
+        raise NotImplementedError
+
+    def preconditioned_gradients(
+            self, directions: Dict[Tensor, Tensor]
+    ) -> Iterator[Tuple[str, Tensor, Tensor, Callable[[Tensor], None]]]:
+        """Yield ``(label, grad, preconditioned, store)`` per covered block.
+
+        ``store(direction)`` writes the block's final direction (after the
+        finiteness check and norm recovery) into ``directions``.  The base
+        class yields one item per layer (:meth:`precondition`); AFOpt adds
+        its attention blocks.
+        """
+        for name, module in self.layers.items():
+            g = gradient_matrix(module)
+            if g is None:
+                continue
+            pg = self.precondition(name, module, g)
+            if pg is not None:
+                yield name, g, pg, partial(_store_layer_direction, module,
+                                           directions)
+
+    def _finish_directions(self, labels: Sequence[str], grads: Sequence[Tensor],
+                           precond: Sequence[Tensor]) -> List[Tensor]:
+        """Norm recovery and the non-finite fallback, batched over blocks.
+
+        ``||P||`` of every block comes from one ``_foreach_norm``; a block
+        whose norm is not finite (a NaN / Inf entry) keeps its raw gradient,
+        chosen on the device with ``torch.where`` and counted lazily under
+        ``'nonfinite_direction'``.  With :attr:`grad_norm_recovery` each
+        direction is rescaled to its raw gradient's norm.
+        """
+        pnorm = torch.stack(torch._foreach_norm(precond))
+        ok = torch.isfinite(pnorm)
+        if self.grad_norm_recovery:
+            gnorm = torch.stack(torch._foreach_norm(grads))
+            precond = torch._foreach_mul(precond,
+                                         (gnorm / (pnorm + 1e-12)).unbind())
+        self.fallbacks.record_flags(
+            'nonfinite_direction', ok.logical_not(), labels,
+            'preconditioned gradient not finite; the raw gradient was used '
+            'for that step')
+        return [torch.where(f, p, g)
+                for f, p, g in zip(ok.unbind(), precond, grads)]
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Perform one optimization step.
+
+        Plain and statistics steps read no device value on the host, so on
+        a GPU they only queue kernels, as ``torch.optim`` steps do.
 
         Args:
             closure (Callable, optional): Re-evaluates the model and returns
@@ -331,6 +518,9 @@ class PrecondOptimizer(Optimizer):
         if self.is_stat_step(t):
             self.update_statistics(self._reduced_statistics(), t)
         self.capture.clear()
+        if (self.reduce_statistics == 'before_refresh' and world_size() > 1
+                and self.refresh_due(t)):
+            self._reduce_running_factors()
         now = time.perf_counter()
         self.phase_seconds['statistics'] += now - clock
         self.update_preconditioners(t)
@@ -345,23 +535,12 @@ class PrecondOptimizer(Optimizer):
                             f'{type(self).__name__} does not support sparse '
                             'gradients')
                     directions[p] = p.grad
-        for name, module in self.layers.items():
-            g = gradient_matrix(module)
-            if g is None:
-                continue
-            pg = self.precondition(name, module, g)
-            if pg is None:
-                continue
-            if not bool(torch.isfinite(pg).all()):
-                self.fallbacks.record(
-                    'nonfinite_direction',
-                    f'preconditioned gradient of {name} is not finite; the '
-                    'raw gradient is used for this step')
-                continue
-            gw, gb = split_gradient_matrix(module, pg.to(g.dtype))
-            directions[module.weight] = gw
-            if gb is not None:
-                directions[module.bias] = gb
+        items = list(self.preconditioned_gradients(directions))
+        if items:
+            labels, grads, precond, stores = zip(*items)
+            for store, d in zip(stores,
+                                self._finish_directions(labels, grads, precond)):
+                store(d)
         self.phase_seconds['precondition'] += time.perf_counter() - clock
         self.base_step(directions)
         self.steps = t + 1

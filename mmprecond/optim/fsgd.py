@@ -15,7 +15,7 @@ from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
 from ..curvature.capture import factor_dims
-from ..curvature.factors import BatchStatistics, ema_update
+from ..curvature.factors import BatchStatistics
 from ..distributed import Chunk, run_batched
 from ..linalg import (
     INVERSE_FAILED,
@@ -32,11 +32,6 @@ from .base import PrecondOptimizer, check_positive, check_unit_interval
 #: Of the detectors the thesis trains, only Mask R-CNN's
 #: ``roi_head.bbox_head.shared_fcs.0`` (12545 wide) is above it.
 DEFAULT_MAX_FACTOR_DIM = 8192
-
-
-def recover_norm(pg: Tensor, g: Tensor) -> Tensor:
-    """Gradient norm recovery (thesis eq. 5.16): ``pg * ||g|| / ||pg||``."""
-    return pg * (g.norm() / (pg.norm() + 1e-12))
 
 
 def damped_inverse_batch(blocks: Tensor, owner: Tensor, count: int,
@@ -105,6 +100,8 @@ class FeatureDescent(PrecondOptimizer):
     would leave the first ``T_u`` steps unpreconditioned.
     """
 
+    checks_statistics_on_device = True
+
     def __init__(self, params: Iterable, defaults: dict, model: Optional[nn.Module],
                  base: str, stat_interval: int, inv_interval: int, damping: float,
                  damping_floor: float, stat_decay: float, grad_norm_recovery: bool,
@@ -144,11 +141,10 @@ class FeatureDescent(PrecondOptimizer):
 
     # ------------------------------------------------------------ statistics
     def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
-        for name in self.layers:
-            xx = stats[name].xx
-            if xx is not None:
-                st = self.layer_state.setdefault(name, {})
-                st['R'] = ema_update(st.get('R'), xx, self.stat_decay)
+        self.fold_statistics(
+            [(self.layer_state.setdefault(name, {}), 'R', name, stats[name].xx)
+             for name in self.layers if stats[name].xx is not None],
+            1 - self.stat_decay)
 
     def refresh_due(self, step: int) -> bool:
         """Whether inverses are recomputed at (0-based) ``step``."""
@@ -201,17 +197,13 @@ class FeatureDescent(PrecondOptimizer):
                     st[key + '_inv'] = inv[j].reshape(stats[i].shape)
 
     # --------------------------------------------------------- preconditioner
-    def recover(self, pg: Tensor, g: Tensor) -> Tensor:
-        """Apply norm recovery if enabled."""
-        return recover_norm(pg, g) if self.grad_norm_recovery else pg
-
     def precondition(self, name: str, module: nn.Module,
                      grad: Tensor) -> Optional[Tensor]:
+        """``G D`` (norm recovery is applied by the base class)."""
         st = self.layer_state.get(name)
         if not st or 'R_inv' not in st:
             return None
-        g = grad.float()
-        return self.recover(g @ st['R_inv'], g)
+        return grad.float() @ st['R_inv']
 
 
 _FSGD_BOX = r"""

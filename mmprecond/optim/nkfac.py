@@ -14,7 +14,7 @@ from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
 from ..curvature.capture import factor_dims
-from ..curvature.factors import BatchStatistics, ema_update, frobenius_normalize
+from ..curvature.factors import BatchStatistics
 from ..distributed import Chunk, run_batched
 from ..linalg import INVERSE_FAILED, batch_limit, record_flags, refresh_inverse
 from .base import PrecondOptimizer, check_positive, check_unit_interval
@@ -84,12 +84,16 @@ class _KroneckerInverse(PrecondOptimizer):
     broadcast (``shard_inverses``).
     """
 
+    statistic_keys = ('L', 'R')
+    checks_statistics_on_device = True
+
     def __init__(self, params: Iterable, defaults: dict, model: Optional[nn.Module],
                  base: str, stat_interval: int, inv_interval: int,
                  exact_inv_period: int, newton_steps: int, damping: float,
                  damping_floor: float, stat_decay: float, grad_norm_recovery: bool,
                  max_factor_dim: int, exact_only: bool,
-                 shard_inverses: bool) -> None:
+                 shard_inverses: bool,
+                 reduce_statistics: str = 'every_step') -> None:
         if int(inv_interval) < 1:
             raise ValueError(f'Invalid inv_interval: {inv_interval} (>= 1)')
         if int(exact_inv_period) < 1:
@@ -101,7 +105,7 @@ class _KroneckerInverse(PrecondOptimizer):
         check_positive('damping_floor', damping_floor)
         check_unit_interval('stat_decay', stat_decay)
         super().__init__(params, defaults, model, base, stat_interval,
-                         max_factor_dim)
+                         max_factor_dim, reduce_statistics=reduce_statistics)
         self.inv_interval = int(inv_interval)
         self.exact_inv_period = int(exact_inv_period)
         self.newton_steps = int(newton_steps)
@@ -113,9 +117,9 @@ class _KroneckerInverse(PrecondOptimizer):
         self.shard_inverses = bool(shard_inverses)
 
     # --------------------------------------------------------------- factors
-    #: Per-batch normalisation of a statistic before the EMA (the NKFAC
-    #: code's Frobenius normalisation); AdaBK folds the raw statistic.
-    normalize_statistic = staticmethod(frobenius_normalize)
+    #: Whether each batch statistic is divided by its Frobenius norm before
+    #: the EMA (the NKFAC code); AdaBK and Shampoo fold the raw statistic.
+    frobenius_statistics = True
 
     def _sides(self, module: nn.Module) -> Tuple[Tuple[str, int], ...]:
         d_out, d_in = factor_dims(module)
@@ -123,15 +127,27 @@ class _KroneckerInverse(PrecondOptimizer):
                      if self.side_enabled(d))
 
     def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
+        items = []
         for name, module in self.layers.items():
             st = self.layer_state.setdefault(name, {})
             batch = stats[name]
             for side, _ in self._sides(module):
                 new = batch.gg if side == 'L' else batch.xx
-                if new is None:
-                    continue
-                st[side] = ema_update(st.get(side), self.normalize_statistic(new),
-                                      self.stat_decay)
+                if new is not None:
+                    items.append((st, side, f'{name}.{side}', new))
+        self.fold_statistics(items, 1 - self.stat_decay,
+                             normalize=self.frobenius_statistics)
+
+    def refresh_due(self, step: int) -> bool:
+        """Whether :meth:`update_preconditioners` inverts anything at ``step``.
+
+        Periodic refreshes, and factors without an inverse yet (formed after
+        step 0), which are inverted at once.
+        """
+        if step % self.inv_interval == 0:
+            return True
+        return any(side in st and side + '_inv' not in st
+                   for st in self.layer_state.values() for side in ('L', 'R'))
 
     def _use_exact(self, step: int) -> bool:
         period = self.exact_inv_period * self.inv_interval
@@ -237,17 +253,15 @@ class _KroneckerInverse(PrecondOptimizer):
     # --------------------------------------------------------- preconditioner
     def precondition(self, name: str, module: nn.Module,
                      grad: Tensor) -> Optional[Tensor]:
+        """``L^-1 G R^-1`` (norm recovery is applied by the base class)."""
         st = self.layer_state.get(name)
         if not st or ('L_inv' not in st and 'R_inv' not in st):
             return None
-        g = grad.float()
-        pg = g
+        pg = grad.float()
         if 'L_inv' in st:
             pg = st['L_inv'] @ pg
         if 'R_inv' in st:
             pg = pg @ st['R_inv']
-        if self.grad_norm_recovery:
-            pg = pg * (g.norm() / (pg.norm() + 1e-12))
         return pg
 
 
@@ -298,6 +312,11 @@ class NKFAC(_KroneckerInverse):
             broadcast the results, so the inverse phase's wall time falls
             with the number of ranks; ``False`` makes every rank compute
             everything. Defaults to True.
+        reduce_statistics (str): ``'every_step'`` (default; DDP equals one
+            process) or ``'before_refresh'`` (average the running factors
+            over ranks before each refresh, as the authors' code: about
+            ``T_inv / T_stat`` times less traffic, close to but not equal to
+            one process).  See :class:`~mmprecond.optim.base.PrecondOptimizer`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -325,7 +344,8 @@ class NKFAC(_KroneckerInverse):
                  stat_decay: float = 0.95,
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 shard_inverses: bool = True) -> None:
+                 shard_inverses: bool = True,
+                 reduce_statistics: str = 'every_step') -> None:
         check_positive('lr', lr, allow_zero=True)
         check_positive('momentum', momentum, allow_zero=True)
         check_positive('weight_decay', weight_decay, allow_zero=True)
@@ -337,7 +357,8 @@ class NKFAC(_KroneckerInverse):
                          inv_interval, exact_inv_period, newton_steps, damping,
                          damping_floor, stat_decay, grad_norm_recovery,
                          max_factor_dim, exact_only=self._exact_only,
-                         shard_inverses=shard_inverses)
+                         shard_inverses=shard_inverses,
+                         reduce_statistics=reduce_statistics)
 
     _exact_only = False
 
@@ -385,7 +406,8 @@ class AdaNKFAC(_KroneckerInverse):
             thesis' COCO value).
         model, stat_interval, inv_interval, exact_inv_period, newton_steps,
         damping, damping_floor, stat_decay, grad_norm_recovery,
-        max_factor_dim, shard_inverses: As in :class:`NKFAC`.
+        max_factor_dim, shard_inverses, reduce_statistics: As in
+            :class:`NKFAC`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -412,7 +434,8 @@ class AdaNKFAC(_KroneckerInverse):
                  stat_decay: float = 0.95,
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 shard_inverses: bool = True) -> None:
+                 shard_inverses: bool = True,
+                 reduce_statistics: str = 'every_step') -> None:
         check_positive('lr', lr, allow_zero=True)
         check_positive('eps', eps, allow_zero=True)
         check_positive('weight_decay', weight_decay, allow_zero=True)
@@ -424,4 +447,5 @@ class AdaNKFAC(_KroneckerInverse):
                          inv_interval, exact_inv_period, newton_steps, damping,
                          damping_floor, stat_decay, grad_norm_recovery,
                          max_factor_dim, exact_only=False,
-                         shard_inverses=shard_inverses)
+                         shard_inverses=shard_inverses,
+                         reduce_statistics=reduce_statistics)

@@ -14,7 +14,7 @@ from mmengine.registry import OPTIMIZERS
 
 from ..curvature.capture import gradient_matrix
 from ..curvature.factors import BatchStatistics, ema_update
-from .adabk import _KroneckerRoot, _raw
+from .adabk import _KroneckerRoot
 from .defaults import sgdm_defaults
 from .nkfac import DEFAULT_MAX_FACTOR_DIM
 
@@ -76,7 +76,7 @@ class Shampoo(_KroneckerRoot):
     """
 
     root = 4
-    normalize_statistic = staticmethod(_raw)
+    frobenius_statistics = False
 
     def __init__(self,
                  params: Iterable,

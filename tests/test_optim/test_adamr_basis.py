@@ -142,8 +142,7 @@ def test_nan_factor_in_power_refresh_keeps_basis_and_is_counted():
     st['L'][0, 0] = float('nan')
     opt.update_preconditioners(5)
     torch.testing.assert_close(st['U1'], u1, rtol=0, atol=0)
-    assert opt.fallbacks.counts['power_step_failure'] == 0  # not read yet
-    opt.sync_fallbacks()
+    # counted on the device, read when the counts are
     assert opt.fallbacks.counts['power_step_failure'] == 1
 
 

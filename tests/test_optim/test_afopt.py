@@ -214,7 +214,7 @@ def test_fadam_without_preconditioning_is_adamw_and_fsgd_is_sgd():
         assert not opt_a.layers
         run(a, opt_a, data)
         run(b, ref(groups(b), **kw), data)
-        assert_same_params(a, b)
+        assert_same_params(a, b, atol=0)  # torch's own foreach arithmetic
 
 
 def test_fsgd_step_matches_hand_computation():
