@@ -290,10 +290,9 @@ class AdamR(PrecondOptimizer):
     AdamR reaches a lower training loss on both demos and a higher bbox
     mAP on the (very short) detector schedule; on the classifier its
     top-1 is 2 points below AdamW's, within about one standard deviation,
-    and ``'algorithm6'`` does as well as the default there (the demo's
-    small layers gain little from the rotation, so the moments carried
-    over cost little).  The least-squares problem, where the rotation is
-    what matters, decides the default.
+    and ``'algorithm6'`` does as well as the default there.  The
+    least-squares problem, where the rotation is what matters, decides
+    the default.
 
     Args:
         params (Iterable): Parameters or parameter groups.
