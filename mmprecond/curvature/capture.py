@@ -170,7 +170,9 @@ def _gram_with_bias(rows: Tensor, has_bias: bool) -> Tuple[Tensor, int]:
     out[:-1, :-1] = gram
     out[:-1, -1] = col_sum
     out[-1, :-1] = col_sum
-    out[-1, -1] = n
+    # fill_ takes the count as a kernel argument; item assignment of a Python
+    # number would copy it from the host (a synchronising copy on a GPU)
+    out[-1, -1].fill_(n)
     return out, n
 
 
