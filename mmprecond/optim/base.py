@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from mmengine.logging import print_log
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -37,6 +38,7 @@ from ..curvature.capture import (
 from ..curvature.factors import BatchStatistics, batch_statistics
 from ..distributed import all_reduce_sum_, world_size
 from ..logging import FallbackLog
+from .checks import check_interval
 
 MISSING_MODEL_MSG = (
     '{name} preconditions layers and needs the model to hook them, but no '
@@ -121,6 +123,24 @@ def adamw_update(group: Dict[str, Any], state: Dict[Tensor, Dict[str, Any]],
 BASE_UPDATES: Dict[str, Callable] = dict(sgdm=sgdm_update, adamw=adamw_update)
 
 
+def _is_unsupported_matrix_layer(module: nn.Module, owned: set) -> bool:
+    """A trained layer with a matrix weight of a type no optimizer handles.
+
+    ``Conv1d``, ``Conv3d``, transposed convs, ``Embedding``, ... are named in
+    the exclusion log so that a user does not assume they are
+    preconditioned; norms (vector weights) are not listed.
+    """
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return False
+    weight = module._parameters.get('weight')
+    return (weight is not None and weight.dim() >= 2 and weight.requires_grad
+            and id(weight) in owned)
+
+
+#: Fallback counts set when the optimizer is built (not restored on load).
+BUILD_TIME_COUNTS = ('excluded_layers', 'over_memory_budget', 'no_attention')
+
+
 class PrecondOptimizer(Optimizer):
     """Base class: statistics capture, step skeleton, state and logging.
 
@@ -165,8 +185,7 @@ class PrecondOptimizer(Optimizer):
             raise TypeError(MISSING_MODEL_MSG.format(name=type(self).__name__))
         if base not in BASE_UPDATES:
             raise ValueError(f'Invalid base: {base!r} (sgdm or adamw)')
-        if int(stat_interval) < 1:
-            raise ValueError(f'Invalid stat_interval: {stat_interval} (>= 1)')
+        check_interval('stat_interval', stat_interval)
         if int(max_factor_dim) < 1:
             raise ValueError(f'Invalid max_factor_dim: {max_factor_dim} (>= 1)')
         super().__init__(params, defaults)
@@ -178,7 +197,9 @@ class PrecondOptimizer(Optimizer):
         self.steps = 0
         self.grad_scaler: Optional[Any] = None
         self.layer_state: Dict[str, Dict[str, Tensor]] = {}
-        self.layers = self._select_layers(model, layer_types)
+        self.layers = self._apply_memory_budget(
+            self._select_layers(model, layer_types))
+        self._log_state_size()
         self.capture = LayerCapture(
             dict(model.named_modules()), self.layers,
             sides={n: self.capture_sides(m) for n, m in self.layers.items()})
@@ -192,6 +213,9 @@ class PrecondOptimizer(Optimizer):
         excluded: List[str] = []
         for name, module in model.named_modules():
             if not isinstance(module, layer_types):
+                if _is_unsupported_matrix_layer(module, owned):
+                    excluded.append(f'{name}: unsupported type '
+                                    f'{type(module).__name__}')
                 continue
             weight = getattr(module, 'weight', None)
             if (weight is None or not weight.requires_grad
@@ -214,6 +238,62 @@ class PrecondOptimizer(Optimizer):
                 'without preconditioning:\n  ' + '\n  '.join(excluded))
         self.fallbacks.counts['excluded_layers'] = len(excluded)
         return chosen
+
+    def factor_bytes(self, module: nn.Module) -> int:
+        """Estimated preconditioner memory of one layer, in bytes.
+
+        Two fp32 ``d x d`` matrices per formed factor: the running statistic
+        and its inverse (NKFAC, KFAC, FSGD) or eigenbasis (AdamR).
+        """
+        d_out, d_in = factor_dims(module)
+        want_x, want_g = self.capture_sides(module)
+        return 2 * 4 * (int(want_x) * d_in * d_in + int(want_g) * d_out * d_out)
+
+    def _apply_memory_budget(
+            self, chosen: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
+        """Leave the costliest layers first-order until the rest fit.
+
+        ``factor_memory_budget_mb`` (set by the public optimizers before
+        this base class initialises) bounds :meth:`factor_bytes` summed
+        over the preconditioned layers.  Layers are dropped largest first,
+        which keeps the most layers preconditioned; the dropped ones get the
+        plain base update and are listed in the log.
+        """
+        budget_mb = getattr(self, 'factor_memory_budget_mb', None)
+        if budget_mb is None:
+            return chosen
+        budget = float(budget_mb) * 2**20
+        cost = {n: self.factor_bytes(m) for n, m in chosen.items()}
+        total = sum(cost.values())
+        dropped: List[str] = []
+        for name in sorted(cost, key=lambda n: (-cost[n], n)):
+            if total <= budget:
+                break
+            total -= cost[name]
+            dropped.append(name)
+        if dropped:
+            self.fallbacks.info(
+                'over_memory_budget',
+                f'factor_memory_budget_mb={budget_mb:g}: {len(dropped)} '
+                f'layer(s) get the plain {self.base} update to fit '
+                f'({total / 2**20:.4g} MiB of factors kept):\n  ' + '\n  '.join(
+                    f'{n} ({cost[n] / 2**20:.4g} MiB)' for n in dropped))
+        self.fallbacks.counts['over_memory_budget'] = len(dropped)
+        return {n: m for n, m in chosen.items() if n not in dropped}
+
+    def factor_memory_mb(self) -> float:
+        """:meth:`factor_bytes` summed over the preconditioned layers, in MiB."""
+        return sum(self.factor_bytes(m) for m in self.layers.values()) / 2**20
+
+    def _log_state_size(self) -> None:
+        params = sum(p.numel() for g in self.param_groups for p in g['params'])
+        per_param = 2 if self.base == 'adamw' else 1
+        print_log(
+            f'[{type(self).__name__}] optimizer state: '
+            f'{self.factor_memory_mb():.4g} MiB of fp32 factors for '
+            f'{len(self.layers)} preconditioned layer(s) plus '
+            f'{per_param * params * 4 / 2**20:.4g} MiB of {self.base} buffers '
+            f'({params} parameters)', logger='current')
 
     def side_enabled(self, dim: int) -> bool:
         """Whether a factor of size ``dim`` is formed (see max_factor_dim)."""
@@ -327,9 +407,15 @@ class PrecondOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         t = self.steps
+        if not self._gradients_finite():
+            # Like an AMP overflow step: nothing is updated or counted as a
+            # step, and this iteration's statistics are dropped.
+            self.capture.clear()
+            return loss
         clock = time.perf_counter()
         if self.is_stat_step(t):
             self.update_statistics(self._reduced_statistics(), t)
+            self._reset_nonfinite_state()
         self.capture.clear()
         now = time.perf_counter()
         self.phase_seconds['statistics'] += now - clock
@@ -368,6 +454,59 @@ class PrecondOptimizer(Optimizer):
         self.capture.active = self.is_stat_step(self.steps)
         return loss
 
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient is finite; counts and logs a skipped step.
+
+        Under AMP the ``GradScaler`` has already skipped a non-finite step
+        (it only calls :meth:`step` when the unscaled gradients are finite),
+        so nothing is read here.  Otherwise one flag is read from the
+        device per step: a NaN/Inf gradient would otherwise be written into
+        the weights and the momentum / Adam moments, which no later step
+        can undo.
+        """
+        scaler = self.grad_scaler
+        if scaler is not None and getattr(scaler, 'is_enabled', lambda: True)():
+            return True
+        grads = [p.grad for g in self.param_groups for p in g['params']
+                 if p.grad is not None and not p.grad.is_sparse]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads)
+        if bool(torch.isfinite(torch.stack([n.to(norms[0].device)
+                                            for n in norms]).sum())):
+            return True
+        self.fallbacks.record(
+            'nonfinite_gradient_skipped',
+            'non-finite gradient: the step was skipped (weights, optimizer '
+            'state and statistics unchanged), as an AMP loss scaler would')
+        return False
+
+    def _reset_nonfinite_state(self) -> None:
+        """Drop a layer's preconditioner state if any of it is not finite.
+
+        Statistics are checked before they are folded, so this only acts on
+        state that became non-finite some other way (a corrupted checkpoint,
+        a factor overwritten by user code).  The layer restarts from zero
+        statistics, as a layer seen for the first time; counted under
+        ``'nonfinite_state_reset'``.
+        """
+        checks = [(name, torch.isfinite(v).all())
+                  for name, st in self.layer_state.items()
+                  for v in st.values() if v.is_floating_point()]
+        if not checks:
+            return
+        dev = checks[0][1].device
+        ok = torch.stack([c.to(dev) for _, c in checks]).tolist()  # one read
+        bad = list(dict.fromkeys(n for (n, _), good in zip(checks, ok)
+                                 if not good))
+        for name in bad:
+            del self.layer_state[name]
+        if bad:
+            self.fallbacks.record(
+                'nonfinite_state_reset',
+                f'non-finite preconditioner state in {bad[:5]} was dropped; '
+                'those layers restart their statistics', n=len(bad))
+
     def base_step(self, directions: Dict[Tensor, Tensor]) -> None:
         """Apply the base update to every group with ``directions``."""
         update = BASE_UPDATES[self.base]
@@ -397,13 +536,31 @@ class PrecondOptimizer(Optimizer):
         string, so ``torch.load(..., weights_only=True)`` reads it.
         """
         sd = super().state_dict()
+        keep_derived = getattr(self, 'checkpoint_inverses', True)
         sd['preconditioner'] = dict(
             steps=self.steps,
+            fallbacks=dict(self.fallbacks.counts),
+            phase_seconds=dict(self.phase_seconds),
             layers={
-                name: {k: v.detach().clone() for k, v in st.items()}
+                name: {k: v.detach().clone() for k, v in st.items()
+                       if keep_derived or not self.is_derived_key(k)}
                 for name, st in self.layer_state.items()
             })
         return sd
+
+    def is_derived_key(self, key: str) -> bool:
+        """Whether ``layer_state[...][key]`` is recomputed from the factors.
+
+        Inverses (``*_inv``) are: with ``checkpoint_inverses=False`` they
+        are left out of :meth:`state_dict`, and the first :meth:`step` after
+        loading computes each missing one exactly from the loaded factor (as
+        for a layer seen for the first time).  That is bit-identical to the
+        uninterrupted run when the checkpoint is taken at a step where the
+        uninterrupted run refreshes exactly (an iteration that is a multiple
+        of ``inv_interval``; for NKFAC also one of its exact refreshes);
+        otherwise it amounts to one extra exact refresh at the resume step.
+        """
+        return key.endswith('_inv')
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load state saved by :meth:`state_dict` (device-agnostic)."""
@@ -416,6 +573,12 @@ class PrecondOptimizer(Optimizer):
                 'checkpoint has no preconditioner state; factors restart')
             return
         self.steps = int(pre['steps'])
+        if 'fallbacks' in pre:  # older checkpoints lack the counters
+            for kind, count in pre['fallbacks'].items():
+                if kind not in BUILD_TIME_COUNTS:  # those describe this build
+                    self.fallbacks.counts[kind] = int(count)
+            self.phase_seconds = Counter(
+                {k: float(v) for k, v in pre.get('phase_seconds', {}).items()})
         self.layer_state = {}
         unknown = []
         for name, st in pre['layers'].items():
@@ -425,6 +588,7 @@ class PrecondOptimizer(Optimizer):
                 continue
             dev = module.weight.device
             self.layer_state[name] = {k: v.to(dev) for k, v in st.items()}
+        self._reset_nonfinite_state()
         if unknown:
             self.fallbacks.record(
                 'unknown_layers_in_checkpoint',
