@@ -95,10 +95,12 @@ def warn_unaligned_interval(owner: str, name: str, interval: int,
 
 
 def accepted_keywords(cls: type) -> List[str]:
-    """Keyword arguments ``cls(...)`` accepts, following ``**kwargs`` up the MRO.
+    """Keyword arguments ``cls(...)`` accepts (empty if they are unknown).
 
-    Keywords listed in the class attribute ``rejected_keywords`` (e.g.
-    KFAC's Newton settings) are left out.
+    A class that declares ``rejected_keywords`` (e.g. KFAC, whose Newton
+    settings are refused) passes its ``**kwargs`` on to its parent, whose
+    keywords are then followed; any other ``**kwargs`` makes the set
+    unknown.  Rejected keywords are left out.
     """
     names: List[str] = []
     for klass in cls.__mro__:
@@ -113,6 +115,8 @@ def accepted_keywords(cls: type) -> List[str]:
             p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
+        if 'rejected_keywords' not in klass.__dict__:
+            return []  # **kwargs go somewhere we cannot see
     rejected = getattr(cls, 'rejected_keywords', {})
     return [n for n in names if n not in rejected]
 
