@@ -74,7 +74,6 @@ applies them.
 """
 import functools
 import importlib.util
-import inspect
 import os
 import os.path as osp
 import pickle

@@ -19,8 +19,7 @@ from ..curvature.factors import BatchStatistics, ema_update
 from ..linalg import damp, exact_inverse, power_iteration_lmax
 from ..logging import FallbackLog
 from .base import PrecondOptimizer, check_positive, check_unit_interval
-from .checks import (check_budget, check_damping, check_interval,
-                     warn_unaligned_interval)
+from .checks import check_budget, check_damping, check_interval, warn_unaligned_interval
 
 #: Default ``max_factor_dim``: a layer whose input factor (``C_in`` plus the
 #: bias column, ``C_in k^2`` for a conv) is wider gets the plain base update.

@@ -24,8 +24,13 @@ from ..linalg import (
     power_iteration_lmax,
 )
 from .base import PrecondOptimizer, check_positive, check_unit_interval
-from .checks import (check_budget, check_damping, check_interval,
-                     reject_keywords, warn_unaligned_interval)
+from .checks import (
+    check_budget,
+    check_damping,
+    check_interval,
+    reject_keywords,
+    warn_unaligned_interval,
+)
 
 #: Default ``max_factor_dim``, chosen from ``benchmarks/factor_budget.py`` on
 #: mmdet's Faster R-CNN R50-FPN (57 trainable Linear/Conv2d layers).  It forms

@@ -96,6 +96,6 @@ def test_without_preconditioning_equals_adamw_with_the_decay():
 
 def test_base_constructor_errors_are_clear():
     with pytest.raises(ValueError, match='cannot be PrecondOptimWrapperConstructor'):
-        build(tiny_vit(), dict(type='NKFAC'),
+        build(tiny_vit(), dict(type='NKFAC', weight_decay=1e-4),
               constructor='PrecondOptimWrapperConstructor',
               base_constructor='PrecondOptimWrapperConstructor')

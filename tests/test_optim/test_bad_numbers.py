@@ -17,7 +17,7 @@ import torch.nn as nn
 from test_afopt import TinyTransformer, seq_batches
 from test_nkfac import batches, run, tiny_net
 
-from mmprecond.optim import FSGD, KFAC, NKFAC, AdaNKFAC, AdamR, Ada_AFOpt, AFOpt, FAdam
+from mmprecond.optim import FSGD, KFAC, NKFAC, Ada_AFOpt, AdamR, AdaNKFAC, AFOpt, FAdam
 
 CNN = dict(make=tiny_net, data=batches)
 SEQ = dict(make=TinyTransformer, data=seq_batches)

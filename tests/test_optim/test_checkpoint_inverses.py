@@ -15,7 +15,7 @@ from test_nkfac import batches, run, tiny_net
 
 from mmprecond.linalg import damp, exact_inverse, power_iteration_lmax
 from mmprecond.logging import FallbackLog
-from mmprecond.optim import FSGD, KFAC, NKFAC, AdaNKFAC, AdamR, Ada_AFOpt, AFOpt, FAdam
+from mmprecond.optim import FSGD, KFAC, NKFAC, Ada_AFOpt, AdamR, AdaNKFAC, AFOpt, FAdam
 
 CASES = [
     (KFAC, tiny_net, batches, dict(lr=0.05)),
@@ -94,7 +94,7 @@ def test_elsewhere_the_resume_step_refreshes_exactly(cls):
     ckpt, _ = checkpoint_at(cls, tiny_net, data, hp, stop=5)
     model, opt = resume(cls, tiny_net, hp, ckpt)
     run(model, opt, data[5:6])
-    for name, st in opt.layer_state.items():
+    for st in opt.layer_state.values():
         for side in ('L', 'R'):
             stat = st[side]
             want = exact_inverse(

@@ -12,8 +12,7 @@ from mmengine.optim import build_optim_wrapper
 from test_afopt import _log_lines, tiny_cnn
 
 import mmprecond  # noqa: F401  (registers)
-from mmprecond.optim import (AFOpt, FSGD, KFAC, NKFAC, AdaNKFAC, AdamR,
-                             Ada_AFOpt, FAdam)
+from mmprecond.optim import FSGD, KFAC, NKFAC, Ada_AFOpt, AdamR, AdaNKFAC, AFOpt, FAdam
 from mmprecond.optim.checks import accepted_keywords
 
 PRECOND = dict(constructor='PrecondOptimWrapperConstructor')

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from test_afopt import _log_lines, cnn_batches, run, tiny_cnn
 
-from mmprecond.optim import FSGD, KFAC, NKFAC, AdaNKFAC, AdamR
+from mmprecond.optim import FSGD, KFAC, NKFAC, AdamR, AdaNKFAC
 
 SQUARE_KEYS = {'L', 'R', 'L_inv', 'R_inv', 'U1', 'U2'}
 
@@ -66,11 +66,11 @@ def test_bad_budget(value):
 def test_r50_fpn_faster_rcnn_stays_under_the_budget(tmp_path):
     """mmdet's real Faster R-CNN R50-FPN, built on the CPU (no training)."""
     from mmdet.registry import MODELS
-    from mmengine.config import Config
+    from mmengine.hub import get_config
     from mmengine.registry import init_default_scope
 
     init_default_scope('mmdet')
-    cfg = Config.fromfile('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py')
+    cfg = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py')
     cfg.model.backbone.init_cfg = None  # no download
     model = MODELS.build(cfg.model)
     unbounded = NKFAC(model.parameters(), model=model)
