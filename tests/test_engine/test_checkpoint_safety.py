@@ -16,7 +16,8 @@ from test_mmdet_training import demo_cfg
 
 pytestmark = pytest.mark.slow
 
-OPTIMIZER = dict(type='NKFAC', lr=0.01, stat_interval=1, inv_interval=1)
+OPTIMIZER = dict(type='NKFAC', lr=0.01, weight_decay=1e-4, stat_interval=1,
+                 inv_interval=1)
 
 
 class StartProbe(Hook):
