@@ -6,23 +6,29 @@ accelerator, so these tests drive the same pieces it uses directly:
 ``torch.autocast('cpu', dtype)`` around the forward pass and, for fp16,
 ``torch.amp.GradScaler('cpu')`` with a dynamic loss scale, attached to the
 optimizer as ``PrecondOptimWrapperConstructor`` attaches the wrapper's
-scaler.  The detector is the demo's tiny Faster R-CNN (mmdet ResNet + FPN +
-RPN + RoI head, mmcv RoIAlign).
+scaler.  The demo's tiny Faster R-CNN (mmdet ResNet + FPN +
+RPN + RoI head) cannot run under CPU autocast: mmcv's CPU NMS and RoIAlign
+kernels accept fp32 only ("expected scalar type Float but found Half").  So
+the CPU tests use a real mmdet RetinaNet (ResNet-18 + FPN + RetinaHead with
+focal loss, ``configs/retinanet_r18-tiny_fpn_synthetic.py`` next to this
+file), whose training forward needs no mmcv kernel, and the CUDA test uses
+the demo Faster R-CNN.
 
 * an injected overflow step (loss scaled to inf) is skipped by the scaler:
   weights, factors and inverses are untouched and the scale is halved;
 * fp16 (dynamic loss scale) and bf16 track fp32 within the tolerance below
   over ``STEPS`` steps from the same weights on the same batches.
 
-CUDA (skipped without a GPU): the same detector trained by MMEngine's
+CUDA (skipped without a GPU): the demo Faster R-CNN trained by MMEngine's
 ``Runner`` with ``AmpOptimWrapper`` (fp16, dynamic loss scale).
 """
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DET_CONFIG, use_coco_root
+from conftest import use_coco_root
 from mmengine.config import Config
 from mmengine.runner import Runner, set_random_seed
 
@@ -32,18 +38,25 @@ from mmprecond.optim import FSGD, KFAC, NKFAC, Ada_AFOpt, AdamR, AdaNKFAC, AFOpt
 pytest.importorskip('mmdet')
 pytestmark = pytest.mark.slow
 
+CPU_AMP_CONFIG = (Path(__file__).parent / 'configs' /
+                  'retinanet_r18-tiny_fpn_synthetic.py')
 STEPS = 4
 #: fp16/bf16 vs fp32 after STEPS steps: ||theta_amp - theta_32|| is at most
-#: this fraction of the fp32 run's own movement ||theta_32 - theta_0||.
-#: (RPN/RoI sampling depends on the scores, so low precision also changes
-#: which RoIs are trained on; measured values are in docs/reliability.md.)
-PARAM_TOL = {torch.float16: 0.25, torch.bfloat16: 0.5}
-
+#: this fraction of the fp32 run's own movement ||theta_32 - theta_0||, by
+#: base update.  Measured with fp16 (CPU, 4 steps): 0.025-0.039 on the SGDM
+#: base, 0.28-0.37 on the AdamW base (bf16, tolerance doubled: 0.07-0.12
+#: and 0.45-0.56); the AdamW base's first steps are close to
+#: lr * sign(g), so coordinates with a near-zero gradient move by a full
+#: lr in a direction that rounding decides.
+PARAM_TOL = {'sgdm': 0.1, 'adamw': 0.6}
+#: and every step's loss within this relative difference of fp32's.
+LOSS_RTOL = {torch.float16: 0.01, torch.bfloat16: 0.05}
+CONVS = dict(precondition_convs=True)  # RetinaNet has no Linear layer
 OPTIMIZERS = [
     (NKFAC, dict(lr=0.01)), (AdaNKFAC, dict(lr=1e-3, weight_decay=0.05)),
     (KFAC, dict(lr=0.01)), (AdamR, dict(lr=1e-3, basis_interval=2)),
-    (FSGD, dict(lr=0.01)), (FAdam, dict(lr=1e-3)), (AFOpt, dict(lr=0.01)),
-    (Ada_AFOpt, dict(lr=1e-3))]
+    (FSGD, dict(lr=0.01, **CONVS)), (FAdam, dict(lr=1e-3, **CONVS)),
+    (AFOpt, dict(lr=0.01, **CONVS)), (Ada_AFOpt, dict(lr=1e-3, **CONVS))]
 IDS = [cls.__name__ for cls, _ in OPTIMIZERS]
 
 
@@ -52,12 +65,13 @@ def detector(tiny_coco):
     """The demo Faster R-CNN's config, initial weights and 4 fixed batches."""
     from mmdet.registry import MODELS
     from mmengine.registry import init_default_scope
-    cfg = Config.fromfile(str(DEMO_DET_CONFIG))
+    cfg = Config.fromfile(str(CPU_AMP_CONFIG))
     use_coco_root(cfg, tiny_coco)
     cfg.train_dataloader.batch_size = 2
     init_default_scope('mmdet')
     set_random_seed(0)
     model = MODELS.build(cfg.model)
+    model.init_weights()  # as the Runner does (focal-loss prior on the head)
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
     batches = []
     for batch in loader:
@@ -137,14 +151,25 @@ def test_overflow_step_is_skipped_with_factors_untouched(detector, cls, kw):
     assert opt.fallbacks.counts['nonfinite_direction'] == 0
 
 
+_FP32_RUNS = {}
+
+
+def fp32_run(detector, cls, kw):
+    """Initial and final parameters and losses of the fp32 run (cached)."""
+    if cls not in _FP32_RUNS:
+        model, opt = build(detector, cls, kw)
+        theta0 = params(model)
+        losses = train(model, opt, detector['batches'])
+        _FP32_RUNS[cls] = (theta0, params(model), losses)
+    return _FP32_RUNS[cls]
+
+
 @pytest.mark.parametrize('cls,kw', OPTIMIZERS, ids=IDS)
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16],
                          ids=['fp16', 'bf16'])
 def test_low_precision_tracks_fp32(detector, cls, kw, dtype):
     batches = detector['batches']
-    ref, ref_opt = build(detector, cls, kw)
-    theta0 = params(ref)
-    ref_losses = train(ref, ref_opt, batches)
+    theta0, theta32, ref_losses = fp32_run(detector, cls, kw)
     model, opt = build(detector, cls, kw)
     scaler = None
     if dtype == torch.float16:
@@ -152,11 +177,14 @@ def test_low_precision_tracks_fp32(detector, cls, kw, dtype):
         opt.attach_grad_scaler(scaler)
     losses = train(model, opt, batches, dtype, scaler)
     assert all(math.isfinite(v) for v in losses)
-    moved = (params(ref) - theta0).norm()
-    gap = (params(model) - params(ref)).norm()
+    moved = (theta32 - theta0).norm()
+    gap = (params(model) - theta32).norm()
     print(f'{cls.__name__} {dtype}: gap/moved = {gap / moved:.4f}, '
           f'losses {losses} vs fp32 {ref_losses}')
-    assert gap <= PARAM_TOL[dtype] * moved
+    tol = PARAM_TOL[opt.base] * (2 if dtype == torch.bfloat16 else 1)
+    assert gap <= tol * moved
+    for got, want in zip(losses, ref_losses):
+        assert abs(got - want) <= LOSS_RTOL[dtype] * want
     assert opt.steps == STEPS  # no step was skipped
 
 
