@@ -141,6 +141,9 @@ def checkpoint_safe_globals() -> List[Any]:
             ] + _numpy_globals()
 
 
+_HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
 def _history_buffer_getattr(obj: Any, name: str) -> Any:
     """The one ``getattr`` a HistoryBuffer pickle needs, and nothing more.
 
@@ -151,9 +154,10 @@ def _history_buffer_getattr(obj: Any, name: str) -> Any:
     """
     from mmengine.logging import HistoryBuffer
 
-    if (obj is HistoryBuffer and isinstance(name, str)
-            and not name.startswith('_')
-            and callable(HistoryBuffer._statistics_methods.get(name))):
+    # ``_statistics_methods`` only fills in when a first buffer is created.
+    allowed = set(_HISTORY_BUFFER_STATISTICS) | {
+        n for n, m in HistoryBuffer._statistics_methods.items() if callable(m)}
+    if obj is HistoryBuffer and name in allowed:
         return getattr(HistoryBuffer, name)
     raise pickle.UnpicklingError(
         f'getattr({obj!r}, {name!r}) is not allowed in a checkpoint (only '
@@ -210,9 +214,13 @@ def safe_checkpoint_load(load: Callable, source: Any, *args: Any,
 
 def _refusal_message(source: Any, err: Exception) -> str:
     """:data:`REFUSED_CHECKPOINT_MSG` filled in from torch's error."""
-    lines = str(err).splitlines()
-    reason = next((ln.strip() for ln in lines if 'WeightsUnpickler' in ln),
-                  lines[0] if lines else '')
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    at = next((i for i, ln in enumerate(lines) if 'WeightsUnpickler' in ln),
+              None)
+    reason = lines[0] if lines else ''
+    if at is not None:  # the error, on that line or the next one
+        reason = lines[at] if not lines[at].endswith(':') or at + 1 == len(
+            lines) else lines[at + 1]
     unsafe = re.findall(r'GLOBAL ([\w.]+)', reason)
     if isinstance(source, (str, os.PathLike)) and osp.isfile(source):
         try:

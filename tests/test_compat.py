@@ -335,3 +335,21 @@ def test_installed_path_falls_back_to_import_system(tmp_path) -> None:
     existing = str(tmp_path)
     assert compat._import_aware_installed_path(
         lambda package: existing)('mmprecond') == existing
+
+
+@needs_safe_load
+def test_runner_checkpoint_loads_in_a_fresh_process(two_iter_checkpoint):
+    """Before any HistoryBuffer exists (its statistics registry is empty)."""
+    code = ('import mmprecond, sys\n'
+            'from mmengine.runner.checkpoint import _load_checkpoint\n'
+            'from mmengine.logging import HistoryBuffer\n'
+            'assert not HistoryBuffer._statistics_methods\n'
+            'ckpt = _load_checkpoint(sys.argv[1])\n'
+            "buf = ckpt['message_hub']['log_scalars']['train/loss']\n"
+            "print(buf.statistics('mean'))\n")
+    proc = subprocess.run(
+        [sys.executable, '-c', code, str(two_iter_checkpoint['ckpt'])],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) > 0
