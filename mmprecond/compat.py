@@ -8,35 +8,33 @@ fix is applied by :func:`apply_all` (called at import), is idempotent, is
 gated on the versions/conditions that actually need it and never edits files
 in ``site-packages``.  :data:`APPLIED` records which fixes are active.
 
-1. **Resume on torch >= 2.6** (``checkpoint_weights_only``).  PyTorch 2.6
-   switched ``torch.load`` to ``weights_only=True``.  MMEngine 0.10.7 (the
-   latest release) calls ``torch.load(filename, map_location=...)`` without the
-   argument, so ``--resume`` dies on the ``HistoryBuffer`` objects and NumPy
-   arrays that the runner stores under ``message_hub`` (open-mmlab/mmengine
-   #1655; fixed upstream after 0.10.7 by passing ``weights_only=False``).
+1. **Safe checkpoint loading on torch >= 2.6** (``checkpoint_weights_only``).
+   PyTorch 2.6 switched ``torch.load`` to ``weights_only=True``, which only
+   rebuilds tensors, containers and primitive types (and the types
+   registered as safe) and never runs code from the file.  MMEngine 0.10.7
+   (the latest release) calls ``torch.load(filename, map_location=...)``
+   without the argument, so ``--resume`` dies on the ``HistoryBuffer``
+   objects and NumPy arrays the runner stores under ``message_hub``
+   (open-mmlab/mmengine#1655).  Upstream MMEngine answers with
+   ``weights_only=False``, which lets any checkpoint - a ``load_from`` file
+   downloaded from anywhere included - run code when it is loaded.
 
-   The fix gives ``mmengine.runner.checkpoint`` its own view of ``torch``
-   whose ``load`` defaults to ``weights_only=False``; all other attributes are
-   the real module's.  This is what upstream does, and it is confined to
-   MMEngine's checkpoint loaders (local files, ``open-mmlab://`` files in the
-   MMEngine home, ``s3://``/``petrel://``, ``pavi://``): ``torch.load``
-   elsewhere keeps PyTorch's safe default, and downloads through
-   ``mmengine.utils.dl_utils.load_url`` (plain pretrained state dicts) stay
-   ``weights_only=True``.  A caller that passes ``weights_only`` explicitly is
-   honoured.
+   This fix keeps ``weights_only=True`` and allows, only while one of
+   MMEngine's checkpoint loaders runs, exactly the extra types MMEngine and
+   OpenMMLab checkpoints hold (:data:`CHECKPOINT_SAFE_GLOBALS`):
+   ``mmengine.logging.HistoryBuffer`` and the NumPy array, scalar and dtype
+   reconstructors (for non-object dtypes).  ``mmengine.runner.checkpoint``
+   gets its own view of ``torch`` whose ``load`` always passes
+   ``weights_only=True`` inside :func:`torch.serialization.safe_globals`,
+   and its ``load_url`` (``http(s)://``, ``torchvision://``,
+   ``open-mmlab://`` downloads; ``torch.hub`` defaults those to
+   ``weights_only=False``) is wrapped the same way.  A checkpoint that
+   pickles anything else is refused with an
+   :class:`pickle.UnpicklingError` that names the offending globals and what
+   to do.  ``torch.load`` elsewhere in the process is untouched.
 
-   Registering safe globals (``torch.serialization.add_safe_globals``) was
-   rejected: the checkpoint holds arbitrary picklable objects, not a fixed
-   set of types - ``HistoryBuffer``, NumPy arrays, dtypes and scalars (whose
-   pickle reconstructors moved from ``numpy.core`` to ``numpy._core`` in NumPy
-   2), the ``dataset_meta`` and metric values under ``meta``, and whatever a
-   hook puts into the ``runtime_info``.  An allow-list would break on the
-   next such object and would loosen ``torch.load`` for the whole process.
-   As with any pickle, load only checkpoints you trust (the contract MMEngine
-   had before torch 2.6).
-
-   Gate: torch >= 2.6 and the installed MMEngine's checkpoint module does not
-   already pass ``weights_only``.
+   Gate: torch >= 2.6 (earlier releases load full pickles by default and
+   have no scoped allow-list).
 
 2. **Distributed training on CPU-only machines** (``cpu_distributed``).
    MMEngine assumes CUDA once a launcher is used:
@@ -76,14 +74,17 @@ applies them.
 """
 import functools
 import importlib.util
-import inspect
 import os
 import os.path as osp
-from typing import Any, Callable, Dict
+import pickle
+import re
+from typing import Any, Callable, Dict, List
 
 import torch
 
-__all__ = ['APPLIED', 'apply_all', 'patch_checkpoint_weights_only',
+__all__ = ['APPLIED', 'CHECKPOINT_SAFE_GLOBALS', 'apply_all',
+           'checkpoint_safe_globals', 'safe_checkpoint_load',
+           'patch_checkpoint_weights_only',
            'patch_cpu_distributed', 'patch_external_configs']
 
 #: Name of each fix -> whether it is active in this process.
@@ -103,11 +104,140 @@ def _version_tuple(version: str) -> tuple:
     return tuple(parts)
 
 
-class _TrustedLoadTorch:
+def _numpy_globals() -> List[Any]:
+    """NumPy callables/classes that non-object arrays and scalars pickle to."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy < 2
+        from numpy.core import multiarray
+    found: List[Any] = [multiarray._reconstruct, multiarray.scalar,
+                        np.ndarray, np.dtype]
+    dtypes = getattr(np, 'dtypes', None)  # NumPy >= 1.25: one class per dtype
+    for name in dir(dtypes) if dtypes is not None else ():
+        cls = getattr(dtypes, name)
+        if (isinstance(cls, type) and name.endswith('DType')
+                and name not in ('ObjectDType', 'VoidDType')):
+            found.append(cls)
+    return found
+
+
+def checkpoint_safe_globals() -> List[Any]:
+    """The types MMEngine / OpenMMLab checkpoints hold beyond plain data.
+
+    ``weights_only=True`` already rebuilds tensors, ``dict``/``OrderedDict``,
+    lists, tuples, sets, strings and numbers.  A runner checkpoint adds the
+    message hub's :class:`~mmengine.logging.HistoryBuffer` objects (NumPy
+    ``float64`` arrays inside) and NumPy scalars in the runtime info.
+    Object arrays are not allowed: their elements could be anything.
+
+    Returns:
+        list: Classes and functions for :func:`torch.serialization.safe_globals`.
+    """
+    from mmengine.logging import HistoryBuffer
+
+    return [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')
+            ] + _numpy_globals()
+
+
+_HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
+def _history_buffer_getattr(obj: Any, name: str) -> Any:
+    """The one ``getattr`` a HistoryBuffer pickle needs, and nothing more.
+
+    A ``HistoryBuffer`` pickles its ``_statistics_methods`` (``min``,
+    ``max``, ``current``, ``mean`` and any registered with
+    ``HistoryBuffer.register_statistics``) as ``getattr(HistoryBuffer,
+    'min')``; a general ``getattr`` would let a pickle reach any attribute.
+    """
+    from mmengine.logging import HistoryBuffer
+
+    # ``_statistics_methods`` only fills in when a first buffer is created.
+    allowed = set(_HISTORY_BUFFER_STATISTICS) | {
+        n for n, m in HistoryBuffer._statistics_methods.items() if callable(m)}
+    if obj is HistoryBuffer and name in allowed:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'getattr({obj!r}, {name!r}) is not allowed in a checkpoint (only '
+        'HistoryBuffer statistics methods are)')
+
+
+#: Filled at the first checkpoint load (see :func:`checkpoint_safe_globals`).
+CHECKPOINT_SAFE_GLOBALS: List[Any] = []
+
+REFUSED_CHECKPOINT_MSG = (
+    'mmprecond refused to load checkpoint {source}: it pickles objects that '
+    'MMEngine checkpoints do not hold ({globals}), and unpickling them could '
+    'run code. MMEngine checkpoints are loaded with torch.load(weights_only='
+    'True) plus an allow-list of the types MMEngine stores (HistoryBuffer, '
+    'NumPy arrays/scalars; see mmprecond/compat.py). If you made this file '
+    'yourself and trust it, either allow its extra types before loading: '
+    'torch.serialization.add_safe_globals([...]), or convert it once: '
+    "ckpt = torch.load(path, weights_only=False); torch.save(dict(state_dict="
+    "ckpt['state_dict']), new_path). PyTorch said: {error}")
+
+
+def _describe_source(source: Any) -> str:
+    return repr(source) if isinstance(source, (str, os.PathLike)) else (
+        f'<{type(source).__name__}>')
+
+
+def safe_checkpoint_load(load: Callable, source: Any, *args: Any,
+                         **kwargs: Any) -> Any:
+    """Call ``load`` (``torch.load`` or a URL loader) safely.
+
+    ``weights_only=True`` is always passed, the MMEngine types in
+    :data:`CHECKPOINT_SAFE_GLOBALS` are allowed for the duration of the call
+    only, and a refusal is re-raised with a message saying what to do.
+
+    Args:
+        load (Callable): ``torch.load`` or ``torch.hub``'s ``load_url``.
+        source: The file, buffer or URL; passed on unchanged.
+
+    Returns:
+        The loaded checkpoint.
+
+    Raises:
+        pickle.UnpicklingError: If the file pickles anything else.
+    """
+    if not CHECKPOINT_SAFE_GLOBALS:
+        CHECKPOINT_SAFE_GLOBALS.extend(checkpoint_safe_globals())
+    kwargs['weights_only'] = True
+    with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+        try:
+            return load(source, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            raise pickle.UnpicklingError(_refusal_message(source, err)) from err
+
+
+def _refusal_message(source: Any, err: Exception) -> str:
+    """:data:`REFUSED_CHECKPOINT_MSG` filled in from torch's error."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    at = next((i for i, ln in enumerate(lines) if 'WeightsUnpickler' in ln),
+              None)
+    reason = lines[0] if lines else ''
+    if at is not None:  # the error, on that line or the next one
+        reason = lines[at] if not lines[at].endswith(':') or at + 1 == len(
+            lines) else lines[at + 1]
+    unsafe = re.findall(r'GLOBAL ([\w.]+)', reason)
+    if isinstance(source, (str, os.PathLike)) and osp.isfile(source):
+        try:
+            unsafe = sorted(
+                torch.serialization.get_unsafe_globals_in_checkpoint(source))
+        except Exception:  # noqa: BLE001 - best effort, for the message only
+            pass
+    return REFUSED_CHECKPOINT_MSG.format(
+        source=_describe_source(source), globals=', '.join(unsafe) or reason,
+        error=reason)
+
+
+class _SafeLoadTorch:
     """Stand-in for the ``torch`` module inside one MMEngine module.
 
     Every attribute is looked up on the real ``torch`` module, except
-    :meth:`load`, whose ``weights_only`` defaults to ``False``.
+    :meth:`load`, which goes through :func:`safe_checkpoint_load`.
 
     Args:
         torch_module: The real ``torch`` module.
@@ -121,16 +251,26 @@ class _TrustedLoadTorch:
         return getattr(self._torch, name)
 
     def __repr__(self) -> str:
-        return f'<mmprecond trusted-load view of {self._torch!r}>'
+        return f'<mmprecond safe-load view of {self._torch!r}>'
 
     def load(self, f: Any, *args: Any, **kwargs: Any) -> Any:
-        """``torch.load`` with ``weights_only=False`` unless given."""
-        kwargs.setdefault('weights_only', False)
-        return self._torch.load(f, *args, **kwargs)
+        """``torch.load(weights_only=True)`` with MMEngine's types allowed."""
+        return safe_checkpoint_load(self._torch.load, f, *args, **kwargs)
+
+
+def _safe_load_url(original: Callable) -> Callable:
+    """Wrap a ``load_url`` so that it never unpickles code."""
+
+    @functools.wraps(original)
+    def load_url(url: str, *args: Any, **kwargs: Any) -> Any:
+        return safe_checkpoint_load(original, url, *args, **kwargs)
+
+    setattr(load_url, _MARK, True)
+    return load_url
 
 
 def patch_checkpoint_weights_only() -> bool:
-    """Let MMEngine's checkpoint loaders unpickle full checkpoints again.
+    """Load MMEngine checkpoints with ``weights_only=True`` and an allow-list.
 
     Returns:
         bool: Whether the fix is active after the call.
@@ -139,16 +279,12 @@ def patch_checkpoint_weights_only() -> bool:
 
     if getattr(ckpt_module.torch, _MARK, False):
         return True
-    if _version_tuple(torch.__version__) < (2, 6):
+    if (_version_tuple(torch.__version__) < (2, 6)
+            or not hasattr(torch.serialization, 'safe_globals')):
         return False
-    try:
-        source = inspect.getsource(ckpt_module)
-    except (OSError, TypeError):
-        source = ''
-    if 'weights_only' in source:
-        # This MMEngine already chooses ``weights_only`` itself.
-        return False
-    ckpt_module.torch = _TrustedLoadTorch(torch)
+    ckpt_module.torch = _SafeLoadTorch(torch)
+    if not getattr(ckpt_module.load_url, _MARK, False):
+        ckpt_module.load_url = _safe_load_url(ckpt_module.load_url)
     return True
 
 

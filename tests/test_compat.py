@@ -151,23 +151,84 @@ def test_version_tuple() -> None:
     assert compat._version_tuple('1.13.1') == (1, 13, 1)
 
 
-@pytest.mark.skipif(
+needs_safe_load = pytest.mark.skipif(
     not TORCH_HAS_WEIGHTS_ONLY_DEFAULT,
     reason='torch<2.6 loads full pickles by default')
-def test_checkpoint_needs_full_unpickling(two_iter_checkpoint) -> None:
+
+
+@needs_safe_load
+def test_checkpoint_needs_the_allow_list(two_iter_checkpoint) -> None:
     """The runner's checkpoint really holds non-tensor objects.
 
-    So plain ``torch.load`` (whose safe default the fix leaves alone for
-    everyone else) and an explicit ``weights_only=True`` both refuse it.
+    Plain ``torch.load`` (which the fix leaves alone) refuses it; MMEngine's
+    loader reads it with ``weights_only=True`` and the allow-list only.
     """
     ckpt = two_iter_checkpoint['ckpt']
     with pytest.raises(pickle.UnpicklingError):
         torch.load(ckpt)
-    with pytest.raises(pickle.UnpicklingError):
-        mmengine_checkpoint.torch.load(ckpt, weights_only=True)
-    full = torch.load(ckpt, weights_only=False)
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(ckpt)
+    assert any(g.endswith('HistoryBuffer') for g in unsafe)
+    allowed = {g[1] if isinstance(g, tuple) else
+               f'{g.__module__}.{g.__qualname__}'
+               for g in compat.checkpoint_safe_globals()}
+    assert set(unsafe) <= allowed, set(unsafe) - allowed
+    full = mmengine_checkpoint._load_checkpoint(str(ckpt))
     assert type(full['message_hub']['log_scalars']['train/loss']).__name__ \
         == 'HistoryBuffer'
+    # the allow-list was scoped to MMEngine's loader
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(ckpt)
+
+
+class _WritesMarker:
+    """Pickles to ``open(marker, 'w')``: code that runs when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+@pytest.fixture
+def malicious_checkpoint(tmp_path) -> Dict[str, Path]:
+    """A checkpoint with real weights whose ``meta`` would run code."""
+    marker = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pth'
+    torch.save(dict(state_dict=ToyModel().state_dict(),
+                    meta=dict(payload=_WritesMarker(marker))), path)
+    return dict(path=path, marker=marker)
+
+
+@needs_safe_load
+@pytest.mark.parametrize('how', ['load_from', 'resume', 'load_checkpoint',
+                                 'file_url'])
+def test_code_in_checkpoint_is_refused(malicious_checkpoint, how,
+                                       tmp_path) -> None:
+    """Every MMEngine loading path refuses the payload before it runs."""
+    path, marker = malicious_checkpoint['path'], malicious_checkpoint['marker']
+    with pytest.raises(pickle.UnpicklingError) as info:
+        if how == 'load_checkpoint':
+            mmengine_checkpoint.load_checkpoint(ToyModel(), str(path))
+        elif how == 'file_url':  # the http(s)/torchvision loader
+            mmengine_checkpoint.load_url(
+                path.as_uri(), model_dir=str(tmp_path / 'hub'))
+        else:
+            runner = build_toy_runner(str(tmp_path / how), max_iters=1,
+                                      name=how)
+            if how == 'load_from':
+                runner.load_checkpoint(str(path))
+            else:
+                runner.resume(str(path))
+    message = str(info.value)
+    assert 'mmprecond refused to load checkpoint' in message
+    assert 'open' in message  # the offending global is named
+    assert 'add_safe_globals' in message
+    assert not marker.exists()
+    # the allow-list did not leak into the process
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path)
+    assert not marker.exists()
 
 
 def test_resume_equals_uninterrupted(two_iter_checkpoint, tmp_path) -> None:
@@ -274,3 +335,21 @@ def test_installed_path_falls_back_to_import_system(tmp_path) -> None:
     existing = str(tmp_path)
     assert compat._import_aware_installed_path(
         lambda package: existing)('mmprecond') == existing
+
+
+@needs_safe_load
+def test_runner_checkpoint_loads_in_a_fresh_process(two_iter_checkpoint):
+    """Before any HistoryBuffer exists (its statistics registry is empty)."""
+    code = ('import mmprecond, sys\n'
+            'from mmengine.runner.checkpoint import _load_checkpoint\n'
+            'from mmengine.logging import HistoryBuffer\n'
+            'assert not HistoryBuffer._statistics_methods\n'
+            'ckpt = _load_checkpoint(sys.argv[1])\n'
+            "buf = ckpt['message_hub']['log_scalars']['train/loss']\n"
+            "print(buf.statistics('mean'))\n")
+    proc = subprocess.run(
+        [sys.executable, '-c', code, str(two_iter_checkpoint['ckpt'])],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) > 0

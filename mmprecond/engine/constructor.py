@@ -1,11 +1,13 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """MMEngine optim-wrapper constructor that hands the model to the optimizer."""
 import inspect
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch.nn as nn
 from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
+
+from ..optim.checks import check_keywords
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -21,7 +23,15 @@ class PrecondOptimWrapperConstructor(DefaultOptimWrapperConstructor):
       preconditioned optimizer of mmprecond), the unwrapped model is passed
       as the ``model`` keyword, so it can hook the layers it preconditions;
     * for ``AmpOptimWrapper`` the wrapper's loss scaler is attached to the
-      optimizer (``attach_grad_scaler``) so gradient statistics are unscaled.
+      optimizer (``attach_grad_scaler``) so gradient statistics are unscaled;
+    * ``base_constructor`` (a key of ``optim_wrapper``) names another
+      constructor, e.g. mmpretrain's ``LearningRateDecayOptimWrapperConstructor``
+      or mmdet's ``LearningRateDecayOptimizerConstructor``, whose
+      ``add_params`` makes the parameter groups (layer-wise lr decay, ...);
+      this constructor then builds the optimizer from those groups, so the
+      two compose instead of one replacing the other;
+    * the optimizer's keywords are checked before it is built: an unknown
+      one fails with the list of keywords that exist.
 
     Plain optimizers (``SGD``, ``AdamW``, ...) are built unchanged, so going
     back to a first-order baseline is a one-field edit.
@@ -32,7 +42,55 @@ class PrecondOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         ...     constructor='PrecondOptimWrapperConstructor',
         ...     optimizer=dict(type='AdaNKFAC', lr=1e-4, weight_decay=0.2),
         ...     paramwise_cfg=dict(norm_decay_mult=0.))
+        >>> # with mmpretrain's layer-wise lr decay
+        >>> optim_wrapper = dict(
+        ...     constructor='PrecondOptimWrapperConstructor',
+        ...     base_constructor='LearningRateDecayOptimWrapperConstructor',
+        ...     optimizer=dict(type='AdamR', lr=1e-3, weight_decay=0.05),
+        ...     paramwise_cfg=dict(layer_decay_rate=0.65))
     """
+
+    def __init__(self, optim_wrapper_cfg: dict,
+                 paramwise_cfg: Optional[dict] = None) -> None:
+        optim_wrapper_cfg = dict(optim_wrapper_cfg)
+        self.base_constructor: Optional[Union[str, type]] = (
+            optim_wrapper_cfg.pop('base_constructor', None))
+        super().__init__(optim_wrapper_cfg, paramwise_cfg)
+        self._base: Optional[DefaultOptimWrapperConstructor] = None
+        if self.base_constructor is not None:
+            self._base = self._build_base_constructor(optim_wrapper_cfg,
+                                                      paramwise_cfg)
+
+    def _build_base_constructor(self, optim_wrapper_cfg: dict,
+                                paramwise_cfg: Optional[dict]):
+        base = self.base_constructor
+        if base in ('PrecondOptimWrapperConstructor',
+                    PrecondOptimWrapperConstructor):
+            raise ValueError(
+                'base_constructor cannot be PrecondOptimWrapperConstructor '
+                'itself; name the constructor whose parameter groups you want '
+                "(e.g. 'LearningRateDecayOptimWrapperConstructor').")
+        built = OPTIM_WRAPPER_CONSTRUCTORS.build(
+            dict(type=base, optim_wrapper_cfg=optim_wrapper_cfg,
+                 paramwise_cfg=paramwise_cfg))
+        if not callable(getattr(built, 'add_params', None)):
+            raise TypeError(
+                f'base_constructor={base!r} has no add_params(params, module) '
+                'method, so its parameter groups cannot be reused; it must be '
+                'a DefaultOptimWrapperConstructor subclass.')
+        return built
+
+    def _param_groups(self, model: nn.Module):
+        """The parameter groups (or plain parameters) the optimizer gets."""
+        if self._base is not None:
+            params: List = []
+            self._base.add_params(params, model)
+            return params
+        if self.paramwise_cfg:
+            params = []
+            self.add_params(params, model)
+            return params
+        return model.parameters()
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
         if hasattr(model, 'module'):
@@ -48,13 +106,9 @@ class PrecondOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 raise KeyError(f"optimizer type '{optimizer_cfg['type']}' is not "
                                'registered (did you add custom_imports='
                                "dict(imports=['mmprecond'])?)")
+        check_keywords(optimizer_cls, optimizer_cfg)
         first_arg = next(iter(inspect.signature(optimizer_cls).parameters))
-        if self.paramwise_cfg:
-            params: List = []
-            self.add_params(params, model)
-            optimizer_cfg[first_arg] = params
-        else:
-            optimizer_cfg[first_arg] = model.parameters()
+        optimizer_cfg[first_arg] = self._param_groups(model)
         if getattr(optimizer_cls, 'requires_model', False):
             optimizer_cfg['model'] = model
         optimizer = OPTIMIZERS.build(optimizer_cfg)

@@ -20,6 +20,7 @@ from ..curvature.factors import BatchStatistics
 from ..distributed import Chunk, run_batched
 from ..linalg import EIGH_FAILED, batch_limit, eigh_batch, record_flags
 from .base import PrecondOptimizer, adamw_update, check_positive, check_unit_interval
+from .checks import check_budget, check_interval, warn_unaligned_interval
 
 #: Default ``max_factor_dim``, the same bound as NKFAC's: every factor of a
 #: ResNet-50 FPN Faster R-CNN is decomposed except the 12545-wide input side
@@ -328,6 +329,15 @@ class AdamR(PrecondOptimizer):
             with the number of ranks.  ``False``: every rank computes every
             basis.  Ranks end up bit-identical either way, and count the
             same fallbacks.  Defaults to True.
+        skip_nonfinite_steps (bool): Without an AMP loss scaler, skip a
+            step whose gradients are not all finite exactly (weights and
+            state untouched), at the cost of one host read per step.
+            ``False`` (default): non-finite gradient entries are zeroed
+            on the device and counted, with no host read.  With a loss
+            scaler the scaler skips such steps either way.
+        factor_memory_budget_mb (float, optional): Bound, in MiB, on the
+            estimated factor memory; see :class:`~mmprecond.optim.NKFAC`.
+            Defaults to None.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -361,15 +371,18 @@ class AdamR(PrecondOptimizer):
                  first_basis: str = 'basis_interval',
                  power_interval: Optional[int] = None,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 shard_basis: bool = True) -> None:
+                 shard_basis: bool = True,
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None) -> None:
+        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
+        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
         check_positive('lr', lr, allow_zero=True)
         check_positive('eps', eps, allow_zero=True)
         check_positive('weight_decay', weight_decay, allow_zero=True)
         check_unit_interval('betas[0]', betas[0])
         check_unit_interval('betas[1]', betas[1])
         check_positive('eps_basis', eps_basis, allow_zero=True)
-        if int(basis_interval) < 1:
-            raise ValueError(f'Invalid basis_interval: {basis_interval} (>= 1)')
+        check_interval('basis_interval', basis_interval)
         if moment_projection not in MOMENT_PROJECTIONS:
             raise ValueError(f'Invalid moment_projection: {moment_projection!r} '
                              f'(one of {MOMENT_PROJECTIONS})')
@@ -399,6 +412,8 @@ class AdamR(PrecondOptimizer):
         self.shard_basis = bool(shard_basis)
         # transposed views of the current bases (see _transpose)
         self._transposes: Dict[int, Tuple[Tensor, Tensor]] = {}
+        warn_unaligned_interval('AdamR', 'basis_interval', self.basis_interval,
+                                self.stat_interval)
 
     # ------------------------------------------------------------ statistics
     def _sides(self, module: nn.Module) -> Tuple[str, ...]:
@@ -732,6 +747,16 @@ class AdamR(PrecondOptimizer):
             adamw_update(group, self.state, rest)
 
     # ------------------------------------------------------------------ state
+    #: Explained at build time (see :mod:`.checks`).
+    rejected_keywords = dict(checkpoint_inverses=(
+        "AdamR's Adam moments are kept in its eigenbasis, so a checkpoint "
+        'must keep the basis (it is not a function of the current factors); '
+        'drop checkpoint_inverses.'))
+
+    def is_derived_key(self, key: str) -> bool:
+        """Nothing: the bases ``U1``/``U2`` carry the moments' coordinates."""
+        return False
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load as the base class does; per-layer counters stay on the CPU."""
         self._transposes.clear()

@@ -35,6 +35,7 @@ from ..curvature.attention import (
 from ..curvature.capture import input_rows_gram
 from ..curvature.factors import BatchStatistics
 from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
+from .checks import check_budget
 from .fsgd import DEFAULT_MAX_FACTOR_DIM, FeatureDescent, adamw_defaults, sgdm_defaults
 
 #: Elements of the largest ``(b, H, N, N)`` temporary of the softmax
@@ -249,6 +250,8 @@ class AttentionFeatureDescent(FeatureDescent):
         return {n: m for n, m in chosen.items() if id(m.weight) not in qkv}
 
     def _on_record(self, name: str, rec: AttentionRecord) -> None:
+        if rec.q.numel() == 0:
+            return  # a call without tokens (empty batch) adds nothing
         layout = self.attention[name][1]
         xp = accumulate_record(self.attention_sums[name], rec, layout,
                                self.value_jitter)
@@ -500,6 +503,17 @@ class AFOpt(AttentionFeatureDescent):
         precondition_convs (bool): FSGD for ``Conv2d`` too. Defaults to False.
         value_jitter (float): Added to the diagonal of ``W_V^T W_V``.
             Defaults to 1e-4.
+        skip_nonfinite_steps (bool): Without an AMP loss scaler, skip a
+            step whose gradients are not all finite exactly (weights and
+            state untouched), at the cost of one host read per step.
+            ``False`` (default): non-finite gradient entries are zeroed
+            on the device and counted, with no host read.  With a loss
+            scaler the scaler skips such steps either way.
+        factor_memory_budget_mb (float, optional): Bound, in MiB, on the
+            estimated factor memory; see :class:`~mmprecond.optim.NKFAC`.
+            Defaults to None.
+        checkpoint_inverses (bool): Save the inverses in checkpoints; see
+            :class:`~mmprecond.optim.NKFAC`. Defaults to True.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -531,7 +545,13 @@ class AFOpt(AttentionFeatureDescent):
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
                  precondition_convs: bool = False,
-                 value_jitter: float = 1e-4) -> None:
+                 value_jitter: float = 1e-4,
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
+        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
+        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.checkpoint_inverses = bool(checkpoint_inverses)
         super().__init__(params, sgdm_defaults(lr, momentum, weight_decay, nesterov),
                          model, 'sgdm', stat_interval, inv_interval, damping,
                          damping_floor, stat_decay, grad_norm_recovery,
@@ -559,7 +579,9 @@ class Ada_AFOpt(AttentionFeatureDescent):  # noqa: N801 (the thesis' name)
         weight_decay (float): Decoupled weight decay. Defaults to 0.05.
         model, stat_interval, inv_interval, damping, damping_floor,
         stat_decay, grad_norm_recovery, max_factor_dim, precondition_convs,
-        value_jitter: As in :class:`AFOpt`.
+        value_jitter, skip_nonfinite_steps, factor_memory_budget_mb,
+        checkpoint_inverses: As in
+        :class:`AFOpt`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -589,7 +611,13 @@ class Ada_AFOpt(AttentionFeatureDescent):  # noqa: N801 (the thesis' name)
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
                  precondition_convs: bool = False,
-                 value_jitter: float = 1e-4) -> None:
+                 value_jitter: float = 1e-4,
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
+        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
+        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.checkpoint_inverses = bool(checkpoint_inverses)
         super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay),
                          model, 'adamw', stat_interval, inv_interval, damping,
                          damping_floor, stat_decay, grad_norm_recovery,

@@ -36,6 +36,7 @@ from typing import (
 
 import torch
 import torch.nn as nn
+from mmengine.logging import print_log
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as adamw_functional
@@ -56,6 +57,7 @@ from ..curvature.factors import (
 )
 from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
 from ..logging import FallbackLog
+from .checks import check_interval
 
 MISSING_MODEL_MSG = (
     '{name} preconditions layers and needs the model to hook them, but no '
@@ -163,6 +165,24 @@ def _store_layer_direction(module: nn.Module, directions: Dict[Tensor, Tensor],
         directions[module.bias] = gb
 
 
+def _is_unsupported_matrix_layer(module: nn.Module, owned: set) -> bool:
+    """A trained layer with a matrix weight of a type no optimizer handles.
+
+    ``Conv1d``, ``Conv3d``, transposed convs, ``Embedding``, ... are named in
+    the exclusion log so that a user does not assume they are
+    preconditioned; norms (vector weights) are not listed.
+    """
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return False
+    weight = module._parameters.get('weight')
+    return (weight is not None and weight.dim() >= 2 and weight.requires_grad
+            and id(weight) in owned)
+
+
+#: Fallback counts set when the optimizer is built (not restored on load).
+BUILD_TIME_COUNTS = ('excluded_layers', 'over_memory_budget', 'no_attention')
+
+
 class PrecondOptimizer(Optimizer):
     """Base class: statistics capture, step skeleton, state and logging.
 
@@ -209,6 +229,8 @@ class PrecondOptimizer(Optimizer):
     #: ``reduce_statistics='before_refresh'`` averages over ranks (empty: the
     #: optimizer does not offer that mode).
     statistic_keys: Tuple[str, ...] = ()
+    #: See :meth:`_gradients_finite`; public optimizers take it as a keyword.
+    skip_nonfinite_steps: bool = False
 
     #: Whether :meth:`update_statistics` handles non-finite statistics on
     #: the device (:meth:`fold_statistics`); otherwise they are dropped
@@ -231,8 +253,7 @@ class PrecondOptimizer(Optimizer):
             raise TypeError(MISSING_MODEL_MSG.format(name=type(self).__name__))
         if base not in BASE_UPDATES:
             raise ValueError(f'Invalid base: {base!r} (sgdm or adamw)')
-        if int(stat_interval) < 1:
-            raise ValueError(f'Invalid stat_interval: {stat_interval} (>= 1)')
+        check_interval('stat_interval', stat_interval)
         if int(max_factor_dim) < 1:
             raise ValueError(f'Invalid max_factor_dim: {max_factor_dim} (>= 1)')
         if reduce_statistics not in STAT_REDUCTIONS:
@@ -251,7 +272,9 @@ class PrecondOptimizer(Optimizer):
         self.steps = 0
         self.grad_scaler: Optional[Any] = None
         self.layer_state: Dict[str, Dict[str, Tensor]] = {}
-        self.layers = self._select_layers(model, layer_types)
+        self.layers = self._apply_memory_budget(
+            self._select_layers(model, layer_types))
+        self._log_state_size()
         self.capture = LayerCapture(
             dict(model.named_modules()), self.layers,
             sides={n: self.capture_sides(m) for n, m in self.layers.items()})
@@ -265,6 +288,9 @@ class PrecondOptimizer(Optimizer):
         excluded: List[str] = []
         for name, module in model.named_modules():
             if not isinstance(module, layer_types):
+                if _is_unsupported_matrix_layer(module, owned):
+                    excluded.append(f'{name}: unsupported type '
+                                    f'{type(module).__name__}')
                 continue
             weight = getattr(module, 'weight', None)
             if (weight is None or not weight.requires_grad
@@ -287,6 +313,62 @@ class PrecondOptimizer(Optimizer):
                 'without preconditioning:\n  ' + '\n  '.join(excluded))
         self.fallbacks.counts['excluded_layers'] = len(excluded)
         return chosen
+
+    def factor_bytes(self, module: nn.Module) -> int:
+        """Estimated preconditioner memory of one layer, in bytes.
+
+        Two fp32 ``d x d`` matrices per formed factor: the running statistic
+        and its inverse (NKFAC, KFAC, FSGD) or eigenbasis (AdamR).
+        """
+        d_out, d_in = factor_dims(module)
+        want_x, want_g = self.capture_sides(module)
+        return 2 * 4 * (int(want_x) * d_in * d_in + int(want_g) * d_out * d_out)
+
+    def _apply_memory_budget(
+            self, chosen: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
+        """Leave the costliest layers first-order until the rest fit.
+
+        ``factor_memory_budget_mb`` (set by the public optimizers before
+        this base class initialises) bounds :meth:`factor_bytes` summed
+        over the preconditioned layers.  Layers are dropped largest first,
+        which keeps the most layers preconditioned; the dropped ones get the
+        plain base update and are listed in the log.
+        """
+        budget_mb = getattr(self, 'factor_memory_budget_mb', None)
+        if budget_mb is None:
+            return chosen
+        budget = float(budget_mb) * 2**20
+        cost = {n: self.factor_bytes(m) for n, m in chosen.items()}
+        total = sum(cost.values())
+        dropped: List[str] = []
+        for name in sorted(cost, key=lambda n: (-cost[n], n)):
+            if total <= budget:
+                break
+            total -= cost[name]
+            dropped.append(name)
+        if dropped:
+            self.fallbacks.info(
+                'over_memory_budget',
+                f'factor_memory_budget_mb={budget_mb:g}: {len(dropped)} '
+                f'layer(s) get the plain {self.base} update to fit '
+                f'({total / 2**20:.4g} MiB of factors kept):\n  ' + '\n  '.join(
+                    f'{n} ({cost[n] / 2**20:.4g} MiB)' for n in dropped))
+        self.fallbacks.counts['over_memory_budget'] = len(dropped)
+        return {n: m for n, m in chosen.items() if n not in dropped}
+
+    def factor_memory_mb(self) -> float:
+        """:meth:`factor_bytes` summed over the preconditioned layers, in MiB."""
+        return sum(self.factor_bytes(m) for m in self.layers.values()) / 2**20
+
+    def _log_state_size(self) -> None:
+        params = sum(p.numel() for g in self.param_groups for p in g['params'])
+        per_param = 2 if self.base == 'adamw' else 1
+        print_log(
+            f'[{type(self).__name__}] optimizer state: '
+            f'{self.factor_memory_mb():.4g} MiB of fp32 factors for '
+            f'{len(self.layers)} preconditioned layer(s) plus '
+            f'{per_param * params * 4 / 2**20:.4g} MiB of {self.base} buffers '
+            f'({params} parameters)', logger='current')
 
     def side_enabled(self, dim: int) -> bool:
         """Whether a factor of size ``dim`` is formed (see max_factor_dim)."""
@@ -514,9 +596,16 @@ class PrecondOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         t = self.steps
+        if not self._gradients_finite():
+            # Like an AMP overflow step: nothing is updated or counted as a
+            # step, and this iteration's statistics are dropped.
+            self.capture.clear()
+            return loss
         clock = time.perf_counter()
         if self.is_stat_step(t):
             self.update_statistics(self._reduced_statistics(), t)
+            if self.skip_nonfinite_steps:  # host reads were opted into
+                self._reset_nonfinite_state()
         self.capture.clear()
         if (self.reduce_statistics == 'before_refresh' and world_size() > 1
                 and self.refresh_due(t)):
@@ -547,6 +636,95 @@ class PrecondOptimizer(Optimizer):
         self.capture.active = self.is_stat_step(self.steps)
         return loss
 
+    def _gradients_finite(self) -> bool:
+        """Keep non-finite gradients out of the weights and the state.
+
+        Under AMP the ``GradScaler`` has already skipped a non-finite step
+        (it only calls :meth:`step` when the unscaled gradients are finite),
+        so nothing is done here.  Otherwise:
+
+        * ``skip_nonfinite_steps=False`` (default): every NaN / Inf gradient
+          entry is replaced by zero in place (``nan_to_num_``; finite
+          entries are untouched) and the affected parameters are counted on
+          the device under ``'nonfinite_gradient_zeroed'``.  No value is read
+          back, so the step stays free of host syncs; the weights still take
+          their weight decay and momentum, with finite values only.
+        * ``skip_nonfinite_steps=True``: one flag is read from the device and
+          a non-finite step is skipped exactly like an AMP overflow step
+          (weights, state and statistics unchanged; counted under
+          ``'nonfinite_gradient_skipped'``).
+
+        Returns:
+            bool: ``False`` when the step is to be skipped.
+        """
+        scaler = self.grad_scaler
+        if scaler is not None and getattr(scaler, 'is_enabled', lambda: True)():
+            return True
+        params = [p for g in self.param_groups for p in g['params']
+                  if p.grad is not None and not p.grad.is_sparse]
+        if not params:
+            return True
+        grads = [p.grad for p in params]
+        norms = torch._foreach_norm(grads)
+        bad = torch.isfinite(torch.stack([n.to(norms[0].device)
+                                          for n in norms])).logical_not_()
+        if self.skip_nonfinite_steps:
+            if not bool(bad.any()):
+                return True
+            self.fallbacks.record(
+                'nonfinite_gradient_skipped',
+                'non-finite gradient: the step was skipped (weights, optimizer '
+                'state and statistics unchanged), as an AMP loss scaler would')
+            return False
+        for g in grads:
+            g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        self.fallbacks.record_flags(
+            'nonfinite_gradient_zeroed', bad, self._param_labels(params),
+            'non-finite gradient entries were replaced by zero (set '
+            'skip_nonfinite_steps=True to skip such steps instead)')
+        return True
+
+    def _param_labels(self, params: Sequence[Tensor]) -> List[str]:
+        """Names for ``params`` in fallback messages (layer.weight, ...)."""
+        names = getattr(self, '_param_names', None)
+        if names is None:
+            names = {}
+            for layer, module in self.layers.items():
+                for key, p in module.named_parameters(recurse=False):
+                    names[id(p)] = f'{layer}.{key}'
+            self._param_names = names
+        return [names.get(id(p), f'param{i}') for i, p in enumerate(params)]
+
+    def _reset_nonfinite_state(self) -> None:
+        """Drop a layer's preconditioner state if any of it is not finite.
+
+        Statistics are checked before they are folded, so this only acts on
+        state that became non-finite some other way (a corrupted checkpoint,
+        a factor overwritten by user code).  It reads one vector from the
+        device, so it runs when a checkpoint is loaded and, only with
+        ``skip_nonfinite_steps=True``, on statistics steps; a non-finite
+        factor met at a refresh otherwise keeps its previous inverse or
+        basis (counted by the refresh).  The layer restarts from zero
+        statistics, as a layer seen for the first time; counted under
+        ``'nonfinite_state_reset'``.
+        """
+        checks = [(name, torch.isfinite(v).all())
+                  for name, st in self.layer_state.items()
+                  for v in st.values() if v.is_floating_point()]
+        if not checks:
+            return
+        dev = checks[0][1].device
+        ok = torch.stack([c.to(dev) for _, c in checks]).tolist()  # one read
+        bad = list(dict.fromkeys(n for (n, _), good in zip(checks, ok)
+                                 if not good))
+        for name in bad:
+            del self.layer_state[name]
+        if bad:
+            self.fallbacks.record(
+                'nonfinite_state_reset',
+                f'non-finite preconditioner state in {bad[:5]} was dropped; '
+                'those layers restart their statistics', n=len(bad))
+
     def base_step(self, directions: Dict[Tensor, Tensor]) -> None:
         """Apply the base update to every group with ``directions``."""
         update = BASE_UPDATES[self.base]
@@ -576,13 +754,31 @@ class PrecondOptimizer(Optimizer):
         string, so ``torch.load(..., weights_only=True)`` reads it.
         """
         sd = super().state_dict()
+        keep_derived = getattr(self, 'checkpoint_inverses', True)
         sd['preconditioner'] = dict(
             steps=self.steps,
+            fallbacks=dict(self.fallbacks.counts),
+            phase_seconds=dict(self.phase_seconds),
             layers={
-                name: {k: v.detach().clone() for k, v in st.items()}
+                name: {k: v.detach().clone() for k, v in st.items()
+                       if keep_derived or not self.is_derived_key(k)}
                 for name, st in self.layer_state.items()
             })
         return sd
+
+    def is_derived_key(self, key: str) -> bool:
+        """Whether ``layer_state[...][key]`` is recomputed from the factors.
+
+        Inverses (``*_inv``) are: with ``checkpoint_inverses=False`` they
+        are left out of :meth:`state_dict`, and the first :meth:`step` after
+        loading computes each missing one exactly from the loaded factor (as
+        for a layer seen for the first time).  That is bit-identical to the
+        uninterrupted run when the checkpoint is taken at a step where the
+        uninterrupted run refreshes exactly (an iteration that is a multiple
+        of ``inv_interval``; for NKFAC also one of its exact refreshes);
+        otherwise it amounts to one extra exact refresh at the resume step.
+        """
+        return key.endswith('_inv')
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load state saved by :meth:`state_dict` (device-agnostic)."""
@@ -595,6 +791,12 @@ class PrecondOptimizer(Optimizer):
                 'checkpoint has no preconditioner state; factors restart')
             return
         self.steps = int(pre['steps'])
+        if 'fallbacks' in pre:  # older checkpoints lack the counters
+            for kind, count in pre['fallbacks'].items():
+                if kind not in BUILD_TIME_COUNTS:  # those describe this build
+                    self.fallbacks.counts[kind] = int(count)
+            self.phase_seconds = Counter(
+                {k: float(v) for k, v in pre.get('phase_seconds', {}).items()})
         self.layer_state = {}
         unknown = []
         for name, st in pre['layers'].items():
@@ -604,6 +806,7 @@ class PrecondOptimizer(Optimizer):
                 continue
             dev = module.weight.device
             self.layer_state[name] = {k: v.to(dev) for k, v in st.items()}
+        self._reset_nonfinite_state()
         if unknown:
             self.fallbacks.record(
                 'unknown_layers_in_checkpoint',

@@ -26,6 +26,7 @@ from ..linalg import (
 )
 from ..logging import FallbackLog
 from .base import PrecondOptimizer, check_positive, check_unit_interval
+from .checks import check_budget, check_damping, check_interval, warn_unaligned_interval
 
 #: Default ``max_factor_dim``: a layer whose input factor (``C_in`` plus the
 #: bias column, ``C_in k^2`` for a conv) is wider gets the plain base update.
@@ -106,9 +107,8 @@ class FeatureDescent(PrecondOptimizer):
                  base: str, stat_interval: int, inv_interval: int, damping: float,
                  damping_floor: float, stat_decay: float, grad_norm_recovery: bool,
                  max_factor_dim: int, precondition_convs: bool) -> None:
-        if int(inv_interval) < 1:
-            raise ValueError(f'Invalid inv_interval: {inv_interval} (>= 1)')
-        check_positive('damping', damping, allow_zero=True)
+        check_interval('inv_interval', inv_interval)
+        check_damping(damping)
         check_positive('damping_floor', damping_floor)
         check_unit_interval('stat_decay', stat_decay)
         layer_types = (nn.Linear, nn.Conv2d) if precondition_convs else (nn.Linear, )
@@ -119,6 +119,8 @@ class FeatureDescent(PrecondOptimizer):
         self.grad_norm_recovery = bool(grad_norm_recovery)
         super().__init__(params, defaults, model, base, stat_interval,
                          max_factor_dim, layer_types)
+        warn_unaligned_interval(type(self).__name__, 'inv_interval',
+                                self.inv_interval, self.stat_interval)
 
     def _select_layers(self, model: nn.Module,
                        layer_types: tuple) -> Dict[str, nn.Module]:
@@ -277,6 +279,17 @@ class FSGD(FeatureDescent):
         max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
         precondition_convs (bool): Also precondition ``Conv2d`` layers
             (im2col inputs). Defaults to False.
+        skip_nonfinite_steps (bool): Without an AMP loss scaler, skip a
+            step whose gradients are not all finite exactly (weights and
+            state untouched), at the cost of one host read per step.
+            ``False`` (default): non-finite gradient entries are zeroed
+            on the device and counted, with no host read.  With a loss
+            scaler the scaler skips such steps either way.
+        factor_memory_budget_mb (float, optional): Bound, in MiB, on the
+            estimated factor memory; see :class:`~mmprecond.optim.NKFAC`.
+            Defaults to None.
+        checkpoint_inverses (bool): Save the inverses in checkpoints; see
+            :class:`~mmprecond.optim.NKFAC`. Defaults to True.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -304,7 +317,13 @@ class FSGD(FeatureDescent):
                  stat_decay: float = 0.95,
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 precondition_convs: bool = False) -> None:
+                 precondition_convs: bool = False,
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
+        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
+        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.checkpoint_inverses = bool(checkpoint_inverses)
         defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
         super().__init__(params, defaults, model, 'sgdm', stat_interval,
                          inv_interval, damping, damping_floor, stat_decay,
@@ -329,8 +348,9 @@ class FAdam(FeatureDescent):
         eps (float): Adam epsilon, outside the square root. 1e-8.
         weight_decay (float): Decoupled weight decay. Defaults to 0.05.
         model, stat_interval, inv_interval, damping, damping_floor,
-        stat_decay, grad_norm_recovery, max_factor_dim, precondition_convs:
-            As in :class:`FSGD`.
+        stat_decay, grad_norm_recovery, max_factor_dim, precondition_convs,
+        skip_nonfinite_steps, factor_memory_budget_mb,
+        checkpoint_inverses: As in :class:`FSGD`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -358,7 +378,13 @@ class FAdam(FeatureDescent):
                  stat_decay: float = 0.95,
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 precondition_convs: bool = False) -> None:
+                 precondition_convs: bool = False,
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
+        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
+        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.checkpoint_inverses = bool(checkpoint_inverses)
         defaults = adamw_defaults(lr, betas, eps, weight_decay)
         super().__init__(params, defaults, model, 'adamw', stat_interval,
                          inv_interval, damping, damping_floor, stat_decay,

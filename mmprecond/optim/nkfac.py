@@ -18,6 +18,13 @@ from ..curvature.factors import BatchStatistics
 from ..distributed import Chunk, run_batched
 from ..linalg import INVERSE_FAILED, batch_limit, record_flags, refresh_inverse
 from .base import PrecondOptimizer, check_positive, check_unit_interval
+from .checks import (
+    check_budget,
+    check_damping,
+    check_interval,
+    reject_keywords,
+    warn_unaligned_interval,
+)
 
 #: Default ``max_factor_dim``, chosen from ``benchmarks/factor_budget.py`` on
 #: mmdet's Faster R-CNN R50-FPN (57 trainable Linear/Conv2d layers).  It forms
@@ -94,14 +101,10 @@ class _KroneckerInverse(PrecondOptimizer):
                  max_factor_dim: int, exact_only: bool,
                  shard_inverses: bool,
                  reduce_statistics: str = 'every_step') -> None:
-        if int(inv_interval) < 1:
-            raise ValueError(f'Invalid inv_interval: {inv_interval} (>= 1)')
-        if int(exact_inv_period) < 1:
-            raise ValueError(
-                f'Invalid exact_inv_period: {exact_inv_period} (>= 1)')
-        if int(newton_steps) < 1:
-            raise ValueError(f'Invalid newton_steps: {newton_steps} (>= 1)')
-        check_positive('damping', damping, allow_zero=True)
+        check_interval('inv_interval', inv_interval)
+        check_interval('exact_inv_period', exact_inv_period)
+        check_interval('newton_steps', newton_steps)
+        check_damping(damping)
         check_positive('damping_floor', damping_floor)
         check_unit_interval('stat_decay', stat_decay)
         super().__init__(params, defaults, model, base, stat_interval,
@@ -115,6 +118,8 @@ class _KroneckerInverse(PrecondOptimizer):
         self.grad_norm_recovery = bool(grad_norm_recovery)
         self.exact_only = bool(exact_only)
         self.shard_inverses = bool(shard_inverses)
+        warn_unaligned_interval(type(self).__name__, 'inv_interval',
+                                self.inv_interval, self.stat_interval)
 
     # --------------------------------------------------------------- factors
     #: Whether each batch statistic is divided by its Frobenius norm before
@@ -317,6 +322,23 @@ class NKFAC(_KroneckerInverse):
             over ranks before each refresh, as the authors' code: about
             ``T_inv / T_stat`` times less traffic, close to but not equal to
             one process).  See :class:`~mmprecond.optim.base.PrecondOptimizer`.
+        skip_nonfinite_steps (bool): Without an AMP loss scaler, skip a
+            step whose gradients are not all finite exactly (weights and
+            state untouched), at the cost of one host read per step.
+            ``False`` (default): non-finite gradient entries are zeroed
+            on the device and counted, with no host read.  With a loss
+            scaler the scaler skips such steps either way.
+        factor_memory_budget_mb (float, optional): Bound, in MiB, on the
+            estimated fp32 factor memory (statistic + inverse per formed
+            factor); the layers with the largest factors are left
+            first-order until the rest fit, and are listed in the log.
+            Defaults to None (no bound).
+        checkpoint_inverses (bool): Save the inverses in
+            :meth:`state_dict`. ``False`` halves the preconditioner part of
+            a checkpoint; the first step after loading recomputes each
+            inverse exactly from its saved factor (see
+            :meth:`~mmprecond.optim.PrecondOptimizer.is_derived_key` for when
+            that is bit-identical). Defaults to True.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -345,7 +367,13 @@ class NKFAC(_KroneckerInverse):
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
                  shard_inverses: bool = True,
-                 reduce_statistics: str = 'every_step') -> None:
+                 reduce_statistics: str = 'every_step',
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
+        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
+        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.checkpoint_inverses = bool(checkpoint_inverses)
         check_positive('lr', lr, allow_zero=True)
         check_positive('momentum', momentum, allow_zero=True)
         check_positive('weight_decay', weight_decay, allow_zero=True)
@@ -379,6 +407,18 @@ class KFAC(NKFAC):
 
     _exact_only = True
 
+    #: NKFAC keywords that have no effect in KFAC (see :mod:`.checks`).
+    rejected_keywords = {
+        kw: ('KFAC inverts every factor exactly at each refresh and has no '
+             "Newton iterations; drop it, or use type='NKFAC' for Newton "
+             'inverses.')
+        for kw in ('newton_steps', 'exact_inv_period')
+    }
+
+    def __init__(self, params: Iterable, *args, **kwargs) -> None:
+        reject_keywords(type(self), kwargs)
+        super().__init__(params, *args, **kwargs)
+
 
 @OPTIMIZERS.register_module()
 class AdaNKFAC(_KroneckerInverse):
@@ -406,8 +446,9 @@ class AdaNKFAC(_KroneckerInverse):
             thesis' COCO value).
         model, stat_interval, inv_interval, exact_inv_period, newton_steps,
         damping, damping_floor, stat_decay, grad_norm_recovery,
-        max_factor_dim, shard_inverses, reduce_statistics: As in
-            :class:`NKFAC`.
+        max_factor_dim, shard_inverses, reduce_statistics,
+        skip_nonfinite_steps, factor_memory_budget_mb,
+        checkpoint_inverses: As in :class:`NKFAC`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -435,7 +476,13 @@ class AdaNKFAC(_KroneckerInverse):
                  grad_norm_recovery: bool = True,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
                  shard_inverses: bool = True,
-                 reduce_statistics: str = 'every_step') -> None:
+                 reduce_statistics: str = 'every_step',
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
+        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
+        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.checkpoint_inverses = bool(checkpoint_inverses)
         check_positive('lr', lr, allow_zero=True)
         check_positive('eps', eps, allow_zero=True)
         check_positive('weight_decay', weight_decay, allow_zero=True)

@@ -1,0 +1,190 @@
+# Copyright (c) mmprecond contributors. All rights reserved.
+"""Build-time checks of optimizer arguments, with messages that say the fix.
+
+Every check raises (or, for a legal but surprising setting, logs) one
+message naming the config field, the value given and what to write instead,
+so that a wrong config fails when the optimizer is built rather than hours
+into training.
+"""
+import inspect
+import numbers
+from typing import Any, Dict, List, Mapping, Optional
+
+from mmengine.logging import print_log
+
+__all__ = ['check_interval', 'check_damping', 'check_budget', 'warn_unaligned_interval',
+           'accepted_keywords', 'check_keywords', 'reject_keywords']
+
+#: Keys that MMEngine / mmdet base configs give SGD and that an Adam-based
+#: optimizer does not take.  Config inheritance merges ``optimizer=dict(...)``
+#: into the base's dict, so they reach the optimizer unless the child config
+#: says ``_delete_=True``.
+SGD_ONLY_KEYS = ('momentum', 'nesterov', 'dampening')
+
+
+def check_interval(name: str, value: Any) -> int:
+    """Return ``value`` if it is an integer number of steps ``>= 1``.
+
+    Args:
+        name (str): The config field, e.g. ``'inv_interval'``.
+        value: What the config gave.
+
+    Raises:
+        ValueError: For floats (``1e3`` is a float in Python), bools,
+            strings and values ``< 1``.
+
+    Example:
+        >>> check_interval('stat_interval', 100)
+        100
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        hint = ''
+        if isinstance(value, numbers.Real) and float(value).is_integer():
+            hint = f' (write {name}={int(value)}: 1e3 is a float in Python)'
+        raise ValueError(
+            f'Invalid {name}={value!r}: it counts optimizer steps and must be '
+            f'an integer >= 1{hint}.')
+    if value < 1:
+        raise ValueError(
+            f'Invalid {name}={value}: it counts optimizer steps and must be '
+            f'>= 1 ({name}=1 means every step).')
+    return int(value)
+
+
+def check_damping(value: Any, name: str = 'damping') -> float:
+    """Return ``value`` if it is a relative damping ``eta`` in ``(0, 1)``.
+
+    ``eta`` scales the largest eigenvalue of a factor: ``eta = 0`` leaves
+    only the absolute floor (a near-singular factor is then inverted
+    almost as is), ``eta >= 1`` drowns the curvature in the identity.
+
+    Raises:
+        ValueError: Naming the field and the usual value.
+    """
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not 0.0 < float(value) < 1.0):
+        raise ValueError(
+            f'Invalid {name}={value!r}: the relative damping eta must lie in '
+            f'(0, 1) (it is multiplied by the factor\'s largest eigenvalue); '
+            f'the papers use {name}=0.01.')
+    return float(value)
+
+
+def warn_unaligned_interval(owner: str, name: str, interval: int,
+                            stat_interval: int) -> None:
+    """Log once, at build time, if ``interval`` is not a multiple of
+    ``stat_interval``.
+
+    It is legal: statistics are folded at steps ``0, S, 2S, ...`` and the
+    refresh at step ``t`` uses the factors as of the last of those, so the
+    refreshes see an uneven number of new statistics and some use factors
+    up to ``S - 1`` steps old.
+    """
+    if interval % stat_interval == 0:
+        return
+    lo = interval // stat_interval * stat_interval
+    print_log(
+        f'[{owner}] {name}={interval} is not a multiple of stat_interval='
+        f'{stat_interval}: statistics are collected every {stat_interval} '
+        f'steps and each refresh uses the statistics collected up to that '
+        f'step, so refreshes see an uneven number of new statistics and may '
+        f'use statistics up to {stat_interval - 1} steps old. To refresh '
+        f'right after a statistics step, use a multiple, e.g. {name}='
+        f'{max(lo, stat_interval)}.',
+        logger='current', level=30)
+
+
+def accepted_keywords(cls: type) -> List[str]:
+    """Keyword arguments ``cls(...)`` accepts (empty if they are unknown).
+
+    A class that declares ``rejected_keywords`` (e.g. KFAC, whose Newton
+    settings are refused) passes its ``**kwargs`` on to its parent, whose
+    keywords are then followed; any other ``**kwargs`` makes the set
+    unknown.  Rejected keywords are left out.
+    """
+    names: List[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get('__init__')
+        if init is None:
+            continue
+        try:
+            params = list(inspect.signature(init).parameters.values())[1:]
+        except (TypeError, ValueError):
+            return []
+        names += [p.name for p in params if p.kind in (
+            p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+        if 'rejected_keywords' not in klass.__dict__:
+            return []  # **kwargs go somewhere we cannot see
+    rejected = getattr(cls, 'rejected_keywords', {})
+    return [n for n in names if n not in rejected]
+
+
+def reject_keywords(cls: type, kwargs: Mapping[str, Any]) -> None:
+    """Raise for keywords that ``cls`` inherits but does not use.
+
+    Raises:
+        ValueError: Naming each such keyword and why it does not apply.
+    """
+    rejected: Dict[str, str] = getattr(cls, 'rejected_keywords', {})
+    given = [k for k in kwargs if k in rejected]
+    if given:
+        raise ValueError(
+            f'{cls.__name__} got ' + '; '.join(
+                f'{k}={kwargs[k]!r}: {rejected[k]}' for k in given))
+
+
+def check_keywords(cls: type, cfg: Mapping[str, Any],
+                   ignore: tuple = ('type', )) -> None:
+    """Check an optimizer config's keys against what ``cls`` accepts.
+
+    Args:
+        cls (type): The optimizer class.
+        cfg (Mapping): The ``optimizer=dict(...)`` config.
+        ignore (tuple): Keys that are not constructor arguments.
+
+    Raises:
+        ValueError: Listing the unknown keys, the keys that exist and, for
+            SGD keys inherited from a base config, the ``_delete_=True`` fix.
+
+    Example:
+        >>> import torch
+        >>> check_keywords(torch.optim.AdamW, dict(type='AdamW', lr=1e-3))
+    """
+    reject_keywords(cls, cfg)
+    valid = accepted_keywords(cls)
+    if not valid:
+        return  # signature not inspectable, or (*args, **kwargs) only
+    first = valid[0]
+    unknown = [k for k in cfg if k not in valid and k not in ignore
+               and k != first]
+    if not unknown:
+        return
+    msg = (f'{cls.__name__} got unknown optimizer keyword(s) '
+           f'{", ".join(map(repr, unknown))}. It accepts: '
+           f'{", ".join(v for v in valid if v not in (first, "model"))}.')
+    inherited = [k for k in unknown if k in SGD_ONLY_KEYS]
+    if inherited:
+        msg += (f' {", ".join(inherited)} usually come(s) from a base '
+                "config's SGD optimizer: optimizer dicts are merged into the "
+                "base's, so write optimizer=dict(_delete_=True, type='"
+                f"{cls.__name__}', ...) to drop the inherited keys.")
+    raise ValueError(msg)
+
+
+def check_budget(value: Any) -> Optional[float]:
+    """Return ``factor_memory_budget_mb`` if it is ``None`` or ``> 0``.
+
+    Raises:
+        ValueError: Naming the field and the unit.
+    """
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not float(value) > 0 or float(value) == float('inf')):
+        raise ValueError(
+            f'Invalid factor_memory_budget_mb={value!r}: a positive number of '
+            'MiB (e.g. 1024 for 1 GiB) bounding the preconditioner factors, '
+            'or None for no budget.')
+    return float(value)
