@@ -116,8 +116,7 @@ class AdamR(PrecondOptimizer):
     The rotation is orthogonal, so AdamR needs no gradient-norm recovery
     and takes AdamW's ``lr`` / ``weight_decay`` unchanged.
 
-    Readings chosen where the thesis is silent (spec section 7, items
-    13-16):
+    Readings chosen where the thesis (chapter 4, Algorithm 6) is silent:
 
     * Steps are 0-based: statistics at ``t = 0, T_s, 2 T_s, ...``; the first
       basis at ``t = T_u`` (from ``T_u / T_s + 1`` statistics).  Until then
