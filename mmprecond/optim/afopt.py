@@ -428,7 +428,8 @@ _AFOPT_READINGS = r"""
       analogue (eq. 5.19, ``K -> Q``), not the exact key factor.  Both are
       computed in closed form (:func:`softmax_jacobian_gram`), exactly,
       without the cheaper averaged-Jacobian variant.
-    * ``W_V``: eq. 5.15, in an equivalent form: ``R_VV`` estimates ``E[(X A_s)(X A_s)^T]`` as
+    * ``W_V``: eq. 5.15, in an equivalent form: ``R_VV`` estimates
+      ``E[(X A_s)(X A_s)^T]`` as
       ``W_VV^-1 W_V^T X_P X_P^T W_V W_VV^-1`` with ``W_VV = W_V^T W_V +
       1e-4 I`` (the thesis' jitter), formed at each statistics step with
       that step's ``W_V`` (so eq. 5.13 holds for that step's ``X_P``), then
