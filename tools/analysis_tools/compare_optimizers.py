@@ -168,6 +168,9 @@ def build_config(args: argparse.Namespace, name: str,
     if args.log_interval:
         logger.interval = args.log_interval
     logger.log_metric_by_epoch = False  # validation keyed by iteration
+    # logged loss and time: means over the logging interval
+    cfg.log_processor = dict(cfg.get('log_processor', {}),
+                             window_size=logger.interval)
     cfg.default_hooks.checkpoint = dict(
         type='CheckpointHook', by_epoch=by_epoch,
         interval=args.checkpoint_interval or length, max_keep_ckpts=1)
@@ -219,18 +222,22 @@ def run_all(args: argparse.Namespace,
     """Train every (setting, seed) that is not finished yet."""
     runs = {}
     todo = []
+    cfg_paths = {}
     for name, how in settings:
         cfg = build_config(args, name, how)
         ensure_data(cfg, args)
         setting_dir = osp.join(args.work_dir, name)
         os.makedirs(setting_dir, exist_ok=True)
-        cfg_path = osp.join(setting_dir, 'config.py')
-        cfg.dump(cfg_path)
-        for seed in args.seeds:
-            run_dir = osp.join(setting_dir, f'seed{seed}')
+        cfg_paths[name] = osp.join(setting_dir, 'config.py')
+        cfg.dump(cfg_paths[name])
+    # seed by seed, so that a stopped comparison has every setting at the
+    # same number of seeds
+    for seed in args.seeds:
+        for name, _ in settings:
+            run_dir = osp.join(args.work_dir, name, f'seed{seed}')
             runs[(name, seed)] = run_dir
             if not osp.isfile(osp.join(run_dir, 'done.json')):
-                todo.append((name, seed, cfg_path, run_dir))
+                todo.append((name, seed, cfg_paths[name], run_dir))
     print(f'{len(runs)} runs, {len(runs) - len(todo)} already finished')
     bar = ProgressBar(len(todo)) if todo else None
     failed = []
