@@ -1,34 +1,56 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
-"""AdamR moment handling at a basis change: ``'keep'`` vs ``'project'``.
+"""AdamR variants vs AdamW on the two demos, several seeds.
 
-Trains the demo Faster R-CNN (ResNet-18-tiny FPN) on the synthetic shapes
-set once per variant, from the same seed (same initial weights, same data
-order), with the demo's AdamW hyper-parameters and schedule shortened to
-``--iters``, and reports
+Trains, for every ``--variants`` x ``--seeds``, either the demo Faster R-CNN
+(``--task det``: ``configs/demo/faster-rcnn_r18-tiny_fpn_adamw_synthetic.py``,
+ResNet-18-tiny FPN on the synthetic shapes set) or the demo classifier
+(``--task cls``: ``configs/demo/resnet18-tiny_adamw_synthetic-cls.py``) with
+the demo's AdamW hyper-parameters, the schedule shortened to ``--iters``
+(linear warm-up over the first 10 %, then cosine), and the optimizer
+swapped.  Each run appends one JSON line (first / final training loss,
+bbox mAP or top-1, time, fallback counts) to ``<work-dir>/runs.jsonl``;
+``--summarize`` prints mean +- std per variant from that file.
 
-* the mean training loss of the first and of the last ``--window``
-  iterations,
-* bbox mAP / mAP@0.5 on the validation split after training,
-* wall-clock training time.
+Variants (:data:`VARIANTS`): ``adamw``; ``adamr`` (AdamR's defaults);
+``algorithm6`` (the thesis box: moments carried over unchanged, also at the
+first basis); ``old-project`` (the previous default: squared-rotation
+projection, no reset at the first basis); ``adamr-power`` (defaults plus a
+power-step refresh every ``T_s``).
 
-AdamW itself can be added as a reference (``--variants keep project adamw``).
-Results go to stdout as a table and to ``<work-dir>/adamr_moments.json``.
+Run (one process, runs one after another)::
 
-Run::
-
-    python benchmarks/adamr_moments.py --iters 1000 --stat-interval 10 \
-        --basis-interval 100 --variants keep project adamw
+    python benchmarks/adamr_moments.py --task det --iters 1000 \
+        --variants adamw adamr --seeds 0 1 2
+    python benchmarks/adamr_moments.py --task det --summarize
 """
 import argparse
 import json
 import os
 import os.path as osp
+import statistics
 import time
 from typing import Any, Dict, List
 
-from adamr_common import demo_config, ensure_data, optim_wrapper
+from adamr_common import REPO_ROOT, demo_config, ensure_data, optim_wrapper
+from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
+
+CLS_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo',
+                      'resnet18-tiny_adamw_synthetic-cls.py')
+
+#: Optimizer of each variant: (type, extra keyword arguments).
+VARIANTS: Dict[str, tuple] = {
+    'adamw': ('AdamW', {}),
+    'adamr': ('AdamR', {}),
+    'algorithm6': ('AdamR', dict(moment_projection='algorithm6')),
+    'old-project': ('AdamR', dict(moment_projection='project',
+                                  reset_first_basis=False)),
+    'adamr-power': ('AdamR', dict(power_interval='stat')),
+}
+
+#: The evaluation metric of each task.
+METRIC = dict(det='coco/bbox_mAP', cls='accuracy/top1')
 
 
 class LossRecorder(Hook):
@@ -42,23 +64,42 @@ class LossRecorder(Hook):
         self.losses.append(float(outputs['loss']))
 
 
-def train_one(variant: str, args: argparse.Namespace) -> Dict[str, Any]:
-    """Train and evaluate one variant; return its numbers."""
-    work_dir = osp.join(args.work_dir, variant)
-    cfg = demo_config(args.data_root, work_dir)
-    common = dict(lr=args.lr, weight_decay=args.weight_decay)
-    if variant == 'adamw':
-        cfg.optim_wrapper = optim_wrapper('AdamW', **common)
+def cls_config(data_root: str, work_dir: str) -> Config:
+    """The classification demo reading ``data_root``, iteration-based."""
+    cfg = Config.fromfile(CLS_CONFIG)
+    for split in ('train', 'val', 'test'):
+        loader = cfg[f'{split}_dataloader']
+        loader.dataset.data_root = osp.join(data_root, '')
+        loader.num_workers = 0
+        loader.persistent_workers = False
+    cfg.work_dir = work_dir
+    cfg.log_processor = dict(by_epoch=False)
+    return cfg
+
+
+def build_config(variant: str, seed: int, args: argparse.Namespace) -> Config:
+    """The config of one run."""
+    work_dir = osp.join(args.work_dir, f'{variant}_seed{seed}')
+    if args.task == 'det':
+        cfg = demo_config(args.data_root, work_dir)
     else:
-        cfg.optim_wrapper = optim_wrapper(
-            'AdamR', stat_interval=args.stat_interval,
-            basis_interval=args.basis_interval, moment_projection=variant,
-            max_factor_dim=args.max_factor_dim,
-            **common)
+        cfg = cls_config(args.data_root, work_dir)
+    kind, extra = VARIANTS[variant]
+    kwargs = dict(lr=args.lr, weight_decay=args.weight_decay)
+    if kind == 'AdamR':
+        kwargs.update(stat_interval=args.stat_interval,
+                      basis_interval=args.basis_interval,
+                      max_factor_dim=args.max_factor_dim, **extra)
+        if kwargs.get('power_interval') == 'stat':
+            kwargs['power_interval'] = args.stat_interval
+    wrapper = optim_wrapper(kind, **kwargs)
+    if args.task == 'cls':
+        wrapper.pop('clip_grad')  # the classification demo does not clip
+    cfg.optim_wrapper = wrapper
     iters = args.iters
     warmup = max(1, iters // 10)
-    cfg.train_cfg.max_iters = iters
-    cfg.train_cfg.val_interval = iters + 1  # evaluated once, below
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters,
+                         val_interval=iters + 1)  # evaluated once, below
     cfg.param_scheduler = [
         dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
              end=warmup),
@@ -67,8 +108,13 @@ def train_one(variant: str, args: argparse.Namespace) -> Dict[str, Any]:
     ]
     cfg.default_hooks.checkpoint = None
     cfg.default_hooks.logger.interval = 50
-    cfg.randomness = dict(seed=args.seed)
-    runner = Runner.from_cfg(cfg)
+    cfg.randomness = dict(seed=seed)
+    return cfg
+
+
+def train_one(variant: str, seed: int, args: argparse.Namespace) -> Dict[str, Any]:
+    """Train and evaluate one run; return its numbers."""
+    runner = Runner.from_cfg(build_config(variant, seed, args))
     recorder = LossRecorder()
     runner.register_hook(recorder)
     start = time.perf_counter()
@@ -77,25 +123,50 @@ def train_one(variant: str, args: argparse.Namespace) -> Dict[str, Any]:
     metrics = runner.val_loop.run()
     losses, w = recorder.losses, args.window
     out = dict(
-        variant=variant,
-        first_loss=sum(losses[:w]) / w,
-        final_loss=sum(losses[-w:]) / w,
-        bbox_mAP=float(metrics['coco/bbox_mAP']),
-        bbox_mAP_50=float(metrics['coco/bbox_mAP_50']),
-        train_s=train_s,
-        losses=losses)
+        task=args.task, variant=variant, seed=seed, iters=args.iters,
+        stat_interval=args.stat_interval, basis_interval=args.basis_interval,
+        first_loss=sum(losses[:w]) / w, final_loss=sum(losses[-w:]) / w,
+        metric=float(metrics[METRIC[args.task]]), train_s=train_s)
     optimizer = runner.optim_wrapper.optimizer
+    if hasattr(optimizer, 'sync_fallbacks'):
+        optimizer.sync_fallbacks()
     if hasattr(optimizer, 'fallbacks'):
         out['fallbacks'] = dict(optimizer.fallbacks.counts)
     return out
 
 
+def summarize(path: str, task: str) -> None:
+    """Print mean +- std per variant (and schedule) of ``runs.jsonl``."""
+    with open(path) as f:
+        runs = [json.loads(line) for line in f if line.strip()]
+    rows: Dict[tuple, List[dict]] = {}
+    for r in runs:
+        if r['task'] == task:
+            key = (r['variant'], r['iters'], r['stat_interval'],
+                   r['basis_interval'])
+            rows.setdefault(key, []).append(r)
+    name = 'bbox mAP' if task == 'det' else 'top-1 (%)'
+    print(f'| variant | iters | T_s / T_u | seeds | final loss | {name} |')
+    print('|---|---|---|---|---|---|')
+    for (variant, iters, ts, tu), rs in rows.items():
+        print(f'| {variant} | {iters} | {ts} / {tu} | '
+              f"{','.join(str(r['seed']) for r in rs)} | "
+              f"{_mean_std([r['final_loss'] for r in rs])} | "
+              f"{_mean_std([r['metric'] for r in rs])} |")
+
+
+def _mean_std(values: List[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f'{statistics.mean(values):.4f} +- {std:.4f}'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--data-root', default=osp.join('data', 'synthetic_coco'))
-    parser.add_argument('--num-train', type=int, default=400)
-    parser.add_argument('--num-val', type=int, default=100)
-    parser.add_argument('--work-dir', default=osp.join('work_dirs', 'adamr_moments'))
+    parser.add_argument('--task', choices=['det', 'cls'], default='det')
+    parser.add_argument('--data-root', default=None,
+                        help='default: data/synthetic_coco or data/synthetic_cls')
+    parser.add_argument('--work-dir', default=None,
+                        help='default: work_dirs/adamr_moments_<task>')
     parser.add_argument('--iters', type=int, default=1000)
     parser.add_argument('--window', type=int, default=50,
                         help='iterations averaged for first / final loss')
@@ -104,28 +175,33 @@ def main() -> None:
     parser.add_argument('--stat-interval', type=int, default=10)
     parser.add_argument('--basis-interval', type=int, default=100)
     parser.add_argument('--max-factor-dim', type=int, default=8192)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--variants', nargs='+', default=['keep', 'project'],
-                        choices=['keep', 'project', 'adamw'])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--variants', nargs='+', default=['adamw', 'adamr'],
+                        choices=list(VARIANTS))
+    parser.add_argument('--summarize', action='store_true',
+                        help='only print the table of the runs so far')
     args = parser.parse_args()
-    ensure_data(args.data_root, args.num_train, args.num_val, seed=0)
+    args.data_root = args.data_root or osp.join(
+        'data', 'synthetic_coco' if args.task == 'det' else 'synthetic_cls')
+    args.work_dir = args.work_dir or osp.join('work_dirs',
+                                              f'adamr_moments_{args.task}')
+    path = osp.join(args.work_dir, 'runs.jsonl')
+    if args.summarize:
+        summarize(path, args.task)
+        return
+    if args.task == 'det':
+        ensure_data(args.data_root, num_train=400, num_val=100, seed=0)
+    else:
+        from mmprecond.datasets import ensure_synthetic_cls
+        ensure_synthetic_cls(args.data_root, seed=0)
     os.makedirs(args.work_dir, exist_ok=True)
-    results = []
-    for variant in args.variants:
-        results.append(train_one(variant, args))
-        with open(osp.join(args.work_dir, 'adamr_moments.json'), 'w') as f:
-            json.dump(dict(args=vars(args), results=results), f, indent=1)
-    print(f'\n{args.iters} iterations, T_s={args.stat_interval}, '
-          f'T_u={args.basis_interval}, lr={args.lr}, wd={args.weight_decay}, '
-          f'seed={args.seed}')
-    w = args.window
-    print(f'| variant | loss (first {w}) | loss (last {w}) | bbox mAP | '
-          'mAP@0.5 | train s |')
-    print('|---|---|---|---|---|---|')
-    for r in results:
-        print(f"| {r['variant']} | {r['first_loss']:.4f} | {r['final_loss']:.4f} "
-              f"| {r['bbox_mAP']:.3f} | {r['bbox_mAP_50']:.3f} | "
-              f"{r['train_s']:.0f} |")
+    for seed in args.seeds:
+        for variant in args.variants:
+            result = train_one(variant, seed, args)
+            with open(path, 'a') as f:
+                f.write(json.dumps(result) + '\n')
+            print(json.dumps(result), flush=True)
+    summarize(path, args.task)
 
 
 if __name__ == '__main__':

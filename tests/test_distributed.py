@@ -21,12 +21,16 @@ OPTIMS = {'AdaNKFAC': (AdaNKFAC, dict(lr=1e-2, weight_decay=0.05)),
           'NKFAC': (NKFAC, dict(lr=0.05, weight_decay=1e-4,
                                 shard_inverses=False)),
           'AdamR': (AdamR, dict(lr=1e-2, weight_decay=0.05, stat_interval=1,
-                                basis_interval=4)),
+                                basis_interval=4, eps=1e-6)),
           # the 145-wide inputs of fc/head exceed max_factor_dim: only their
           # output sides are collected and reduced
           'NKFAC-capped': (NKFAC, dict(lr=0.05, weight_decay=1e-4,
                                        max_factor_dim=100))}
-# AdamR's eigenbases are unique only for distinct eigenvalues: with few rows
+# AdamR restarts its moments at the first basis; the row of U1^T G along the
+# CE head's null direction (a shift of all logits) is pure summation noise,
+# which Adam's first steps divide by its own size: eps=1e-6 keeps that noise
+# (~1e-9) from becoming a lr-sized step that differs between DDP and one
+# process.  AdamR's eigenbases are unique only for distinct eigenvalues: with few rows
 # the 145-wide input factor is rank-deficient, its (eps-shifted) null space is
 # one repeated eigenvalue, and fp32 noise picks an arbitrary basis there.  So
 # it gets enough rows for full-rank statistics before its first basis.

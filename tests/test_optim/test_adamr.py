@@ -85,15 +85,22 @@ def _hand_basis(s, eps):
     return vecs * torch.where(vecs.diagonal() < 0, -1.0, 1.0)  # aligned with I
 
 
-@pytest.mark.parametrize('projection', ['keep', 'project'])
-def test_rotated_step_matches_hand_computation(projection):
+# (moment_projection, reset_first_basis): the default resets the moments at
+# the first basis; Algorithm 6 and the old 'project' carry them over
+FIRST_BASIS_POLICIES = [('rotate', None), ('algorithm6', None),
+                        ('project', False)]
+
+
+@pytest.mark.parametrize('projection,reset', FIRST_BASIS_POLICIES)
+def test_rotated_step_matches_hand_computation(projection, reset):
     torch.manual_seed(0)
     lin = nn.Linear(4, 3)
     model = nn.Sequential(lin)
     lr, wd, b1, b2, eps, eps_b = 0.05, 0.1, 0.9, 0.99, 1e-8, 0.01
     opt = AdamR(model.parameters(), model=model, lr=lr, betas=(b1, b2), eps=eps,
                 weight_decay=wd, stat_interval=1, basis_interval=1,
-                eps_basis=eps_b, moment_projection=projection)
+                eps_basis=eps_b, moment_projection=projection,
+                reset_first_basis=reset)
     xs = [torch.randn(16, 4), torch.randn(16, 4)]
     ls, rs, gs, ws = [], [], [], [_matrix(lin)]
     for x in xs:
@@ -119,22 +126,81 @@ def test_rotated_step_matches_hand_computation(projection):
     u2 = _hand_basis((rs[0] + rs[1]) / 2, eps_b)
     torch.testing.assert_close(opt.layer_state['0']['U1'], u1, rtol=0, atol=1e-5)
     torch.testing.assert_close(opt.layer_state['0']['U2'], u2, rtol=0, atol=1e-5)
-    if projection == 'project':
+    k = 2  # the bias-correction counter
+    if projection == 'rotate':  # reset at the first basis
+        m, v, k = torch.zeros_like(m), torch.zeros_like(v), 1
+    elif projection == 'project':
         m = u1.T @ m @ u2
         v = (u1 * u1).T @ v @ (u2 * u2)
     gt = u1.T @ gs[1] @ u2
     m = b1 * m + (1 - b1) * gt
     v = b2 * v + (1 - b2) * gt**2
-    bc1, bc2 = 1 - b1**2, 1 - b2**2
+    bc1, bc2 = 1 - b1**k, 1 - b2**k
     w2 = ws[1] * (1 - lr * wd) - lr / bc1 * u1 @ (m / (
         (v / bc2).sqrt() + eps)) @ u2.T
     torch.testing.assert_close(ws[2], w2, rtol=0, atol=1e-5)
+    assert opt.layer_state['0']['step'].item() == k
     # it did rotate: the AdamW step from the same moments is elsewhere
     m_id = b1 * (1 - b1) * gs[0] + (1 - b1) * gs[1]
     v_id = b2 * (1 - b2) * gs[0]**2 + (1 - b2) * gs[1]**2
-    w2_adamw = ws[1] * (1 - lr * wd) - lr / bc1 * m_id / (
-        (v_id / bc2).sqrt() + eps)
+    w2_adamw = ws[1] * (1 - lr * (wd)) - lr / (1 - b1**2) * m_id / (
+        (v_id / (1 - b2**2)).sqrt() + eps)
     assert (ws[2] - w2_adamw).abs().max() > 1e-3
+
+
+def _layer_with_basis(projection, seed=0):
+    """A one-layer AdamR whose layer has a basis, moments and new factors."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5, bias=False))
+    opt = AdamR(model.parameters(), model=model, stat_interval=1,
+                basis_interval=1, moment_projection=projection)
+    q1 = torch.linalg.qr(torch.randn(5, 5))[0]
+    q2 = torch.linalg.qr(torch.randn(4, 4))[0]
+    a, b = torch.randn(5, 9), torch.randn(4, 9)
+    opt.layer_state['0'] = dict(
+        L=a @ a.T, R=b @ b.T, U1=q1, U2=q2, exp_avg=torch.randn(5, 4),
+        exp_avg_sq=torch.rand(5, 4), step=torch.tensor(7.0))
+    return opt, {k: v.clone() for k, v in opt.layer_state['0'].items()}
+
+
+@pytest.mark.parametrize('projection', ['rotate', 'project', 'keep', 'reset'])
+def test_moments_at_a_later_refresh(projection):
+    opt, before = _layer_with_basis(projection)
+    opt.update_preconditioners(1)
+    st = opt.layer_state['0']
+    u1, u2 = st['U1'], st['U2']
+    assert not torch.allclose(u1, before['U1'], atol=1e-2)
+    m_param = before['U1'] @ before['exp_avg'] @ before['U2'].T
+    if projection == 'rotate':  # M exact, V matched by eigenvalue order
+        torch.testing.assert_close(u1 @ st['exp_avg'] @ u2.T, m_param)
+        torch.testing.assert_close(st['exp_avg_sq'], before['exp_avg_sq'])
+    elif projection == 'project':
+        torch.testing.assert_close(u1 @ st['exp_avg'] @ u2.T, m_param)
+        torch.testing.assert_close(st['exp_avg_sq'].sum(),
+                                   before['exp_avg_sq'].sum())
+    elif projection == 'keep':
+        for key in ('exp_avg', 'exp_avg_sq'):
+            torch.testing.assert_close(st[key], before[key])
+    else:
+        assert not st['exp_avg'].any() and not st['exp_avg_sq'].any()
+    assert st['step'].item() == (0 if projection == 'reset' else 7)
+
+
+def test_first_basis_after_first_statistics():
+    data = batches(6)
+    model = tiny_net()
+    opt = AdamR(model.parameters(), model=model, stat_interval=2,
+                basis_interval=100, first_basis='stat_interval')
+    assert [t for t in range(250) if opt.is_basis_step(t)] == [2, 100, 200]
+    run(model, opt, data[:2])
+    assert 'U1' not in opt.layer_state['5']
+    run(model, opt, data[2:3])  # t = 2: the second statistics, and a basis
+    st = opt.layer_state['5']
+    assert 'U1' in st and st['L_count'].item() == 2
+    assert st['step'].item() == 1  # reset at the first basis
+    default = AdamR(model.parameters(), model=model, stat_interval=2,
+                    basis_interval=100)
+    assert [t for t in range(250) if default.is_basis_step(t)] == [100, 200]
 
 
 def test_project_moments_properties():
@@ -253,11 +319,14 @@ def test_missing_statistics_do_not_count_towards_the_mean():
     torch.testing.assert_close(st['R'], 2 * torch.eye(4))
 
 
-@pytest.mark.parametrize('projection', ['keep', 'project'])
-def test_resume_across_basis_change_equals_uninterrupted(projection):
+@pytest.mark.parametrize('extra', [
+    dict(), dict(moment_projection='keep'), dict(moment_projection='project'),
+    dict(power_interval=2)
+])
+def test_resume_across_basis_change_equals_uninterrupted(extra):
     data = batches(20)
     hp = dict(lr=3e-3, weight_decay=0.1, stat_interval=2, basis_interval=4,
-              moment_projection=projection)
+              **extra)
     ref = tiny_net()
     opt_ref = AdamR(groups(ref), model=ref, **hp)
     run(ref, opt_ref, data)
@@ -313,7 +382,7 @@ def test_grad_scaler_skipped_step_leaves_statistics_untouched():
     assert_same_params(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize('projection', ['keep', 'project'])
+@pytest.mark.parametrize('projection', ['rotate', 'algorithm6', 'project'])
 def test_loss_decreases_on_tiny_conv_net(projection):
     data = batches(1, size=32) * 30
     model = tiny_net()
@@ -329,7 +398,14 @@ def test_loss_decreases_on_tiny_conv_net(projection):
 def test_invalid_arguments_are_named():
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match='moment_projection'):
-        AdamR(model.parameters(), model=model, moment_projection='rotate')
+        AdamR(model.parameters(), model=model, moment_projection='rot')
+    with pytest.raises(ValueError, match='algorithm6'):
+        AdamR(model.parameters(), model=model, moment_projection='algorithm6',
+              reset_first_basis=True)
+    with pytest.raises(ValueError, match='first_basis'):
+        AdamR(model.parameters(), model=model, first_basis='t0')
+    with pytest.raises(ValueError, match='power_interval'):
+        AdamR(model.parameters(), model=model, power_interval=0)
     with pytest.raises(ValueError, match='basis_interval'):
         AdamR(model.parameters(), model=model, basis_interval=0)
     with pytest.raises(TypeError, match='PrecondOptimWrapperConstructor'):
