@@ -25,7 +25,8 @@ An optimizer setting is one of::
     'NAME:key=value;key=value'     # --cfg-options fragments for this setting
 
 Finished runs are skipped when the tool is started again and interrupted
-ones resume from their last checkpoint, so it can be stopped at any time.
+ones resume from their last checkpoint, so it can be stopped at any time;
+``--report-only`` tabulates the finished runs without training.
 
 Examples::
 
@@ -239,6 +240,8 @@ def run_all(args: argparse.Namespace,
             if not osp.isfile(osp.join(run_dir, 'done.json')):
                 todo.append((name, seed, cfg_paths[name], run_dir))
     print(f'{len(runs)} runs, {len(runs) - len(todo)} already finished')
+    if args.report_only:
+        return runs
     bar = ProgressBar(len(todo)) if todo else None
     failed = []
     for name, seed, cfg_path, run_dir in todo:
@@ -505,6 +508,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser.add_argument('--work-dir', default='work_dirs/compare_optimizers')
     parser.add_argument('--out-dir', help='plots and tables (default: '
                         'the work dir)')
+    parser.add_argument('--report-only', action='store_true',
+                        help='train nothing: plot and tabulate the runs '
+                        'that are finished')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='config overrides for every setting')
     return parser.parse_args(argv)
