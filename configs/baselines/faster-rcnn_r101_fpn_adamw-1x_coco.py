@@ -11,3 +11,10 @@ optim_wrapper = dict(
         lr=1e-4,
         betas=(0.9, 0.999),
         weight_decay=0.2))
+
+custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
+# state memory and the preconditioner's health at the logger's interval;
+# at most 3 checkpoints are kept (a preconditioner's state makes them large).
+custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -86,6 +86,8 @@ default_hooks = dict(
         type='CheckpointHook', by_epoch=False, interval=max_iters,
         max_keep_ckpts=1))
 log_processor = dict(by_epoch=False)
+# time per phase, optimizer-state memory and preconditioner health in the log
+custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
 # env_cfg keeps mmdet's nccl backend for GPUs; tools/train.py switches
 # launched CPU-only runs to gloo (or to $MMPRECOND_DIST_BACKEND).
 randomness = dict(seed=0)

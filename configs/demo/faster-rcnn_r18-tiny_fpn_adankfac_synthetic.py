@@ -19,5 +19,3 @@ optim_wrapper = dict(
         weight_decay=0.05,
         stat_interval=10,
         inv_interval=100))
-
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]

@@ -49,4 +49,6 @@ auto_scale_lr = dict(base_batch_size=32)
 default_hooks = dict(
     logger=dict(interval=10),
     checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
+# time per phase and optimizer-state memory in the log
+custom_hooks = [dict(type='PrecondStatsHook', interval=10)]
 randomness = dict(seed=0)

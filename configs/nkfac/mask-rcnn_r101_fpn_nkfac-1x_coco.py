@@ -18,3 +18,9 @@ optim_wrapper = dict(
         inv_interval=1000,
         damping=0.01,
         stat_decay=0.95))
+
+# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
+# state memory and the preconditioner's health at the logger's interval;
+# at most 3 checkpoints are kept (a preconditioner's state makes them large).
+custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

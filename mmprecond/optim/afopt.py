@@ -426,10 +426,9 @@ _AFOPT_BOX = r"""
 """
 
 _AFOPT_READINGS = r"""
-    Readings chosen where the thesis is ambiguous (spec section 7, items
-    18-22):
+    Readings chosen where the thesis (sections 5.2-5.3) is ambiguous:
 
-    * ``nabla S`` (item 18): the per-query softmax Jacobians
+    * ``nabla S``: the per-query softmax Jacobians
       ``J_i = diag(s_i) - s_i s_i^T``.  The left factor of ``W_Q`` is the
       Gauss-Newton factor of feature descent, ``E_i[B_i^T B_i]`` with
       ``B_i = scale V^T J_i K`` the Jacobian of ``o_i`` w.r.t. ``q_i``: this
@@ -438,8 +437,8 @@ _AFOPT_READINGS = r"""
       analogue (eq. 5.19, ``K -> Q``), not the exact key factor.  Both are
       computed in closed form (:func:`softmax_jacobian_gram`), exactly,
       without the cheaper averaged-Jacobian variant.
-    * ``W_V`` (item 19): eq. 5.15, in the equivalent form the spec
-      recommends: ``R_VV`` estimates ``E[(X A_s)(X A_s)^T]`` as
+    * ``W_V``: eq. 5.15, in an equivalent form: ``R_VV`` estimates
+      ``E[(X A_s)(X A_s)^T]`` as
       ``W_VV^-1 W_V^T X_P X_P^T W_V W_VV^-1`` with ``W_VV = W_V^T W_V +
       1e-4 I`` (the thesis' jitter), formed at each statistics step with
       that step's ``W_V`` (so eq. 5.13 holds for that step's ``X_P``), then
@@ -447,16 +446,16 @@ _AFOPT_READINGS = r"""
       drops the ``W_VV`` factors, is not used.  ``b_V`` is removed from
       ``X_P`` first.  With several heads the identity 5.13 is only an
       approximation, which the thesis accepts (``W_V`` is one matrix).
-    * Biases (item 21): preconditioned jointly with their rows as an extra
+    * Biases: preconditioned jointly with their rows as an extra
       input column of ones, for FSGD layers and for the Q, K and V blocks
       alike; the derivation of eqs. 5.7-5.15 goes through unchanged with
       ``x -> [x; 1]`` (the ones column passes through ``A_s`` because its
       rows sum to one).  A block without a bias (``WindowMSAV2``'s keys)
       gets a zero column, dropped afterwards.
-    * Position bias and masks (item 22): ``A_s`` is the exact softmax
+    * Position bias and masks: ``A_s`` is the exact softmax
       output, with the relative-position bias, the shift-window mask and
       the logit scale; the thesis' optimizer used ``A`` without the bias.
-    * Norm recovery (item 21): per ``W_Q``, ``W_K``, ``W_V`` block (each
+    * Norm recovery: per ``W_Q``, ``W_K``, ``W_V`` block (each
       whole matrix with all heads and its bias) and per FSGD layer.
     * Heads: ``L_QQ`` and ``L_KK`` are ``H`` blocks of ``d x d``, one per
       head, damped as one block-diagonal matrix; ``R_XX`` and ``R_VV`` are

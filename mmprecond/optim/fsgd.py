@@ -221,7 +221,7 @@ _FSGD_BOX = r"""
 """
 
 _FSGD_READINGS = """
-    Readings chosen where the thesis is silent (spec section 7, items 20-21):
+    Readings chosen where the thesis (section 5.3) is silent:
 
     * Statistics momentum: ``0.95`` weights the *old* statistic (eq. 5.18
       printed literally weights the new one; NKFAC's eq. 3.9 and "alpha

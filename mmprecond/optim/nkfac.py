@@ -57,13 +57,14 @@ RESIDUAL_PROBES = 4
 class _KroneckerInverse(PrecondOptimizer):
     """Kronecker-factored preconditioner with periodic (Newton) inverses.
 
-    Statistics follow the authors' code (thesis spec section 1.2): every
+    Statistics follow the authors' public NKFAC code: every
     ``stat_interval`` steps the iteration's ``E[x x^T]`` (right factor ``R``)
     and ``sum delta delta^T`` (left factor ``L``) are each divided by their
     Frobenius norm and folded into an EMA with ``stat_decay``, starting from
     zero.  Calls of one module within an iteration (shared heads) and
     gradient-accumulation micro-batches are summed first, then folded once
-    (the spec's recommended reading; the authors' code folds once per call).
+    (our reading: the thesis does not say; the authors' code folds once
+    per call).
 
     Every ``inv_interval`` steps each factor is damped,
     ``A = S + max(1e-4, damping * lambda_max(S)) I``, and inverted: exactly

@@ -1,6 +1,7 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """The COCO AdamR configs parse and build AdamR on the real mmdet models."""
 import copy
+import re
 
 import pytest
 from conftest import REPO_ROOT
@@ -25,25 +26,36 @@ def load(name: str):
     return Config.fromfile(str(CONFIG_DIR / name))
 
 
-def test_thesis_adamr_configs_exist():
-    # the thesis' COCO AdamR experiments (Tables 4.5, 4.6; Swin-S 3x aside)
-    assert set(RESNET + SWIN) <= {p.name for p in CONFIG_DIR.glob('*.py')}
+#: Every COCO AdamR config, the thesis' experiments (RESNET, SWIN, Swin-S 3x)
+#: and those that apply its rule to other models (RetinaNet, Swin-T 2x).
+ALL_COCO = sorted(p.name for p in CONFIG_DIR.glob('*_coco.py'))
 
 
-@pytest.mark.parametrize('name', RESNET + SWIN)
+def test_swin_s_3x_is_the_amp_config_of_table_4_6():
+    cfg = load('mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop_adamr-3x_coco.py')
+    # the baseline the thesis cites is mmdet's mixed-precision Swin-S 3x
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cfg.model.backbone.depths == [2, 2, 18, 2]
+    assert cfg.train_cfg.max_epochs == 36
+    assert [s.milestones for s in cfg.param_scheduler
+            if s.type == 'MultiStepLR'] == [[27, 33]]
+
+
+@pytest.mark.parametrize('name', ALL_COCO)
 def test_config_sets_adamr_without_sgd_leftovers(name):
     cfg = load(name)
     assert cfg.custom_imports == dict(imports=['mmprecond'],
                                       allow_failed_imports=False)
     wrapper = cfg.optim_wrapper
-    assert wrapper.type == 'OptimWrapper'
+    assert wrapper.type == ('AmpOptimWrapper' if '_amp-' in name else
+                            'OptimWrapper')
     assert wrapper.constructor == 'PrecondOptimWrapperConstructor'
     opt = wrapper.optimizer
     assert opt.type == 'AdamR' and opt.lr == 1e-4
     assert opt.weight_decay == (0.02 if 'swin' in name else 0.2)
     assert 'momentum' not in opt and '_delete_' not in opt
     assert (opt.stat_interval, opt.basis_interval) == (100, 1000)
-    if 'swin' in name:  # mmdet's no-decay keys are kept
+    if 'mask-rcnn_swin' in name:  # mmdet's no-decay keys are kept
         keys = wrapper.paramwise_cfg.custom_keys
         assert {'norm', 'relative_position_bias_table',
                 'absolute_pos_embed'} <= set(keys)
@@ -51,8 +63,9 @@ def test_config_sets_adamr_without_sgd_leftovers(name):
     depth = 101 if 'r101' in name else 50
     if 'swin' not in name:
         assert cfg.model.backbone.depth == depth
-    if '3x' in name:
-        assert cfg.train_cfg.max_epochs == 36
+    schedule = re.search(r'-(\d)x_coco', name).group(1)
+    epochs = {'1': 12, '2': 24, '3': 36}[schedule]
+    assert cfg.train_cfg.max_epochs == epochs
 
 
 @pytest.mark.parametrize('name', RESNET + SWIN)

@@ -1,0 +1,553 @@
+# Copyright (c) mmprecond contributors. All rights reserved.
+"""Train one model with several optimizers and seeds; plot and tabulate.
+
+Every optimizer setting is trained with the same seeds, hence the same
+initial weights and data order, for the same number of iterations (or
+epochs), through ``tools/train.py`` (one process per run).  The tool then
+reads each run's ``vis_data/scalars.json`` (``PrecondStatsHook`` is added
+to every run, so the optimizer's time per phase and state memory are there
+too) and writes, into ``--out-dir``:
+
+* ``loss_vs_iter.png``, ``loss_vs_time.png``: training loss (mean over
+  seeds, band = min..max) against the iteration and the training seconds;
+* ``metric_vs_iter.png``: validation bbox AP / mask AP / top-1;
+* ``phase_seconds.png``: seconds per iteration in forward + backward,
+  statistics, refresh, precondition and the base step;
+* ``state_memory.png``: optimizer-state memory;
+* ``results.md``: mean ± std over seeds, iterations and seconds to reach
+  the reference optimizer's final loss, time per iteration relative to it;
+  ``summary.json``: every run's numbers.
+
+An optimizer setting is one of::
+
+    NAME=CONFIG.py                 # take CONFIG's optim_wrapper (zoo config)
+    CONFIG.py                      # the same, named after the file
+    'NAME:key=value;key=value'     # --cfg-options fragments for this setting
+
+Finished runs are skipped when the tool is started again and interrupted
+ones resume from their last checkpoint, so it can be stopped at any time;
+``--report-only`` tabulates the finished runs without training.
+
+Examples::
+
+    # the demo detector, 3 seeds, 300 iterations, synthetic data
+    python tools/analysis_tools/compare_optimizers.py \\
+        configs/demo/faster-rcnn_r18-tiny_fpn_adamw_synthetic.py \\
+        --optimizers adamw: \\
+            'sgd:optim_wrapper.optimizer.type=SGD;optim_wrapper.optimizer.lr=0.02' \\
+            adankfac=configs/demo/faster-rcnn_r18-tiny_fpn_adankfac_synthetic.py \\
+        --seeds 0 1 2 --max-iters 300 --work-dir work_dirs/compare
+
+    # a zoo config on real COCO (data/coco) with two zoo optimizers
+    python tools/analysis_tools/compare_optimizers.py \\
+        configs/baselines/faster-rcnn_r50_fpn_sgd-1x_coco.py \\
+        --optimizers sgd: nkfac=configs/nkfac/faster-rcnn_r50_fpn_nkfac-1x_coco.py \\
+        --seeds 0 --data-root data/coco
+"""
+import argparse
+import json
+import math
+import os
+import os.path as osp
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from mmengine.config import Config, DictAction
+from mmengine.utils import ProgressBar
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from plot_scalars import (  # noqa: E402
+    Scalars,
+    elapsed_seconds,
+    load_scalars,
+    plt,
+    series,
+)
+
+TOOLS_DIR = osp.dirname(osp.dirname(osp.abspath(__file__)))
+#: Validation metrics looked for, in this order.
+METRIC_KEYS = ('coco/bbox_mAP', 'coco/segm_mAP', 'accuracy/top1')
+#: Per-iteration phases logged by PrecondStatsHook, in step order.
+PHASES = ('fwd_bwd', 'statistics', 'refresh', 'precondition', 'base')
+PHASE_LABELS = dict(fwd_bwd='forward + backward', statistics='statistics',
+                    refresh='refresh', precondition='precondition',
+                    base='base step')
+TIMESTAMP_DIR = re.compile(r'^\d{8}_\d{6}$')
+
+
+# ------------------------------------------------------------------ settings
+def parse_setting(text: str) -> Tuple[str, Dict[str, Any]]:
+    """``(name, how)`` of one ``--optimizers`` item (see the module doc)."""
+    if ':' in text and not text.endswith('.py'):
+        name, _, fragments = text.partition(':')
+        action = DictAction(option_strings=[], dest='x')
+        namespace = argparse.Namespace()
+        parts = [f for f in fragments.split(';') if f.strip()]
+        if parts:
+            action(None, namespace, parts)
+        return name, dict(options=getattr(namespace, 'x', {}) or {})
+    name, _, path = text.rpartition('=')
+    if not name:
+        name = osp.splitext(osp.basename(path))[0]
+    if not osp.isfile(path):
+        raise SystemExit(f'{text!r}: no config file {path!r}')
+    return name, dict(config=path)
+
+
+def set_data_root(cfg: Config, root: str) -> None:
+    """Point every loader (and COCO evaluator) of ``cfg`` at ``root``."""
+    root = root.rstrip('/') + '/'
+    for split in ('train', 'val', 'test'):
+        loader = cfg.get(f'{split}_dataloader')
+        if not loader:
+            continue
+        dataset = loader['dataset']
+        while 'dataset' in dataset:  # RepeatDataset / ClassBalancedDataset
+            dataset = dataset['dataset']
+        dataset['data_root'] = root
+        evaluators = cfg.get(f'{split}_evaluator')
+        if split == 'train' or not evaluators:
+            continue
+        for ev in evaluators if isinstance(evaluators, list) else [evaluators]:
+            if 'ann_file' in ev:
+                ann = dataset.get('ann_file', '')
+                ev['ann_file'] = root + ann
+    cfg['data_root'] = root
+
+
+def scale_iteration_schedule(cfg: Config, max_iters: int) -> None:
+    """Set an iteration-based run's length and stretch its LR schedule.
+
+    Iteration-based schedulers' ``begin`` / ``end`` / ``T_max`` are scaled
+    by ``max_iters / old max_iters``, so warm-up and decay keep their share
+    of the run.
+    """
+    old = cfg.train_cfg.get('max_iters')
+    if old is None:
+        raise SystemExit('--max-iters needs an IterBasedTrainLoop config; '
+                         'use --max-epochs for epoch-based ones')
+    cfg.train_cfg.max_iters = max_iters
+    schedulers = cfg.get('param_scheduler') or []
+    for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
+        if sch.get('by_epoch', True):
+            continue
+        for key in ('begin', 'end', 'T_max'):
+            if key in sch:
+                sch[key] = max(1 if key != 'begin' else 0,
+                               round(sch[key] * max_iters / old))
+
+
+def build_config(args: argparse.Namespace, name: str,
+                 how: Dict[str, Any]) -> Config:
+    """The config of setting ``name`` (seeds are set per run)."""
+    cfg = Config.fromfile(args.config)
+    if 'config' in how:
+        other = Config.fromfile(how['config'])
+        cfg.optim_wrapper = other.optim_wrapper
+        imports = set(cfg.get('custom_imports', {}).get('imports', []))
+        imports |= set(other.get('custom_imports', {}).get('imports', []))
+        cfg.custom_imports = dict(imports=sorted(imports | {'mmprecond'}),
+                                  allow_failed_imports=False)
+    else:
+        cfg.merge_from_dict(how['options'])
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.data_root:
+        set_data_root(cfg, args.data_root)
+    by_epoch = 'max_epochs' in cfg.train_cfg
+    if args.max_iters:
+        scale_iteration_schedule(cfg, args.max_iters)
+    if args.max_epochs:
+        cfg.train_cfg.max_epochs = args.max_epochs
+    length = cfg.train_cfg.get('max_epochs' if by_epoch else 'max_iters')
+    cfg.train_cfg.val_interval = args.val_interval or length
+    logger = cfg.default_hooks.logger
+    if args.log_interval:
+        logger.interval = args.log_interval
+    logger.log_metric_by_epoch = False  # validation keyed by iteration
+    # logged loss and time: means over the logging interval
+    cfg.log_processor = dict(cfg.get('log_processor', {}),
+                             window_size=logger.interval)
+    cfg.default_hooks.checkpoint = dict(
+        type='CheckpointHook', by_epoch=by_epoch,
+        interval=args.checkpoint_interval or length, max_keep_ckpts=1)
+    hooks = [h for h in cfg.get('custom_hooks', [])
+             if h.get('type') != 'PrecondStatsHook']
+    cfg.custom_hooks = hooks + [
+        dict(type='PrecondStatsHook', interval=logger.interval)
+    ]
+    imports = cfg.get('custom_imports', {}).get('imports', [])
+    if 'mmprecond' not in imports:
+        cfg.custom_imports = dict(imports=list(imports) + ['mmprecond'],
+                                  allow_failed_imports=False)
+    return cfg
+
+
+def ensure_data(cfg: Config, args: argparse.Namespace) -> None:
+    """Generate the built-in synthetic data when a run needs it."""
+    root = cfg.train_dataloader.dataset.get('data_root', '')
+    if 'synthetic' not in root or osp.isdir(root):
+        return
+    from mmprecond.datasets import ensure_synthetic_cls, ensure_synthetic_coco
+    sizes = dict(num_train=args.num_train, num_val=args.num_val)
+    sizes = {k: v for k, v in sizes.items() if v}
+    if cfg.get('default_scope') == 'mmpretrain':
+        ensure_synthetic_cls(root, **sizes)
+    else:
+        ensure_synthetic_coco(root, **sizes)
+
+
+# ---------------------------------------------------------------------- runs
+def run_one(cfg_path: str, run_dir: str, seed: int,
+            log_file: str) -> int:
+    """Train (or resume) one run in a subprocess; return its exit code."""
+    cmd = [sys.executable, osp.join(TOOLS_DIR, 'train.py'), cfg_path,
+           '--work-dir', run_dir, '--cfg-options', f'randomness.seed={seed}']
+    if osp.isfile(osp.join(run_dir, 'last_checkpoint')):
+        cmd.append('--resume')  # interrupted: continue from the checkpoint
+    elif osp.isdir(run_dir):  # interrupted before any checkpoint: restart
+        for entry in os.listdir(run_dir):
+            if TIMESTAMP_DIR.match(entry):
+                shutil.rmtree(osp.join(run_dir, entry))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(log_file, 'a') as out:
+        return subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
+
+
+def run_all(args: argparse.Namespace,
+            settings: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
+    """Train every (setting, seed) that is not finished yet."""
+    runs = {}
+    todo = []
+    cfg_paths = {}
+    for name, how in settings:
+        cfg = build_config(args, name, how)
+        ensure_data(cfg, args)
+        setting_dir = osp.join(args.work_dir, name)
+        os.makedirs(setting_dir, exist_ok=True)
+        cfg_paths[name] = osp.join(setting_dir, 'config.py')
+        cfg.dump(cfg_paths[name])
+    # seed by seed, so that a stopped comparison has every setting at the
+    # same number of seeds
+    for seed in args.seeds:
+        for name, _ in settings:
+            run_dir = osp.join(args.work_dir, name, f'seed{seed}')
+            runs[(name, seed)] = run_dir
+            if not osp.isfile(osp.join(run_dir, 'done.json')):
+                todo.append((name, seed, cfg_paths[name], run_dir))
+    print(f'{len(runs)} runs, {len(runs) - len(todo)} already finished')
+    if args.report_only:
+        return runs
+    bar = ProgressBar(len(todo)) if todo else None
+    failed = []
+    for name, seed, cfg_path, run_dir in todo:
+        code = run_one(cfg_path, run_dir, seed,
+                       osp.join(osp.dirname(run_dir), f'seed{seed}.out'))
+        if code == 0:
+            with open(osp.join(run_dir, 'done.json'), 'w') as f:
+                json.dump(dict(name=name, seed=seed), f)
+        else:
+            failed.append(f'{name} seed {seed} (exit {code}, see '
+                          f'{osp.dirname(run_dir)}/seed{seed}.out)')
+        bar.update()
+    if bar is not None:
+        print()
+    for line in failed:
+        print(f'FAILED: {line}')
+    return runs
+
+
+# ------------------------------------------------------------------- numbers
+def weighted_mean(scalars: Scalars, key: str) -> Optional[float]:
+    """Mean of a per-interval scalar, weighted by the interval lengths."""
+    total, steps, last = 0.0, 0, 0
+    for step, value in series(scalars, key):
+        total += value * (step - last)
+        steps += step - last
+        last = step
+    return total / steps if steps else None
+
+
+def metric_key(scalars: Scalars, wanted: Optional[str]) -> Optional[str]:
+    if wanted:
+        return wanted if wanted in scalars else None
+    return next((k for k in METRIC_KEYS if k in scalars), None)
+
+
+def summarise_run(scalars: Scalars, metric: Optional[str]) -> Dict[str, Any]:
+    """The numbers of one run, all read from its ``scalars.json``."""
+    loss = series(scalars, 'loss')
+    clock = elapsed_seconds(scalars)
+    last_step = loss[-1][0] if loss else 0
+    out = dict(
+        final_loss=loss[-1][1] if loss else None,
+        iters=last_step,
+        seconds=clock.get(last_step),
+        s_per_iter=clock[last_step] / last_step if last_step in clock else None,
+        state_mb=(series(scalars, 'precond/state_mb') or [(0, None)])[-1][1],
+        factor_mb=(series(scalars, 'precond/factor_mb') or [(0, None)])[-1][1],
+        phases={p: weighted_mean(scalars, f'precond/{p}_s') for p in PHASES},
+        loss_curve=loss,
+        clock=clock)
+    if out['phases']['base'] is None:  # first-order: the whole step
+        out['phases']['base'] = weighted_mean(scalars, 'precond/step_s')
+    key = metric_key(scalars, metric)
+    out['metric_curve'] = series(scalars, key) if key else []
+    out['final_metric'] = out['metric_curve'][-1][1] if key else None
+    return out
+
+
+def reach(run: Dict[str, Any], target: float) -> Tuple[Optional[int],
+                                                        Optional[float]]:
+    """First logged iteration (and its seconds) with loss <= ``target``."""
+    for step, value in run['loss_curve']:
+        if value <= target:
+            return step, run['clock'].get(step)
+    return None, None
+
+
+def mean_std(values: Sequence[Optional[float]]) -> Optional[Tuple[float, float,
+                                                                  int]]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return statistics.fmean(vals), std, len(vals)
+
+
+def fmt(stat: Optional[Tuple[float, float, int]], digits: int,
+        total: int) -> str:
+    if stat is None:
+        return 'not reached' if total else '—'
+    mean, std, n = stat
+    text = f'{mean:.{digits}f} ± {std:.{digits}f}'
+    return text if n == total else f'{text} ({n}/{total})'
+
+
+def summarise(runs: Dict[Tuple[str, int], str], names: List[str],
+              reference: str, metric: Optional[str]) -> Dict[str, Any]:
+    """Per-run numbers and their mean ± std per setting."""
+    per_run = {key: summarise_run(load_scalars(run_dir), metric)
+               for key, run_dir in runs.items()
+               if osp.isfile(osp.join(run_dir, 'done.json'))}
+    ref_runs = [r for (n, _), r in per_run.items() if n == reference]
+    ref_loss = mean_std([r['final_loss'] for r in ref_runs])
+    ref_time = mean_std([r['s_per_iter'] for r in ref_runs])
+    table = {}
+    for name in names:
+        rs = [r for (n, _), r in per_run.items() if n == name]
+        reached = [reach(r, ref_loss[0]) if ref_loss else (None, None)
+                   for r in rs]
+        table[name] = dict(
+            runs=len(rs),
+            final_metric=mean_std([r['final_metric'] for r in rs]),
+            final_loss=mean_std([r['final_loss'] for r in rs]),
+            s_per_iter=mean_std([r['s_per_iter'] for r in rs]),
+            iters_to_ref=mean_std([i for i, _ in reached]),
+            seconds_to_ref=mean_std([s for _, s in reached]),
+            state_mb=mean_std([r['state_mb'] for r in rs]),
+            phases={p: mean_std([r['phases'][p] for r in rs])
+                    for p in PHASES})
+        t = table[name]['s_per_iter']
+        table[name]['time_vs_ref'] = (t[0] / ref_time[0]
+                                      if t and ref_time else None)
+    return dict(per_run=per_run, table=table, reference=reference,
+                reference_final_loss=ref_loss[0] if ref_loss else None)
+
+
+def markdown(summary: Dict[str, Any], metric: str) -> str:
+    ref = summary['reference']
+    lines = [
+        f'| optimizer | runs | final {metric} | final loss | '
+        f'iterations to {ref} final loss | seconds to {ref} final loss | '
+        f's / iter | time vs {ref} | state MB |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
+    for name, row in summary['table'].items():
+        n = row['runs']
+        ratio = row['time_vs_ref']
+        lines.append(
+            f"| {name} | {n} | {fmt(row['final_metric'], 4, n)} | "
+            f"{fmt(row['final_loss'], 4, n)} | {fmt(row['iters_to_ref'], 0, n)}"
+            f" | {fmt(row['seconds_to_ref'], 1, n)} | "
+            f"{fmt(row['s_per_iter'], 3, n)} | "
+            f"{'—' if ratio is None else f'{ratio:.2f}'} | "
+            f"{fmt(row['state_mb'], 1, n)} |")
+    lines += [
+        '',
+        '| optimizer | ' + ' | '.join(PHASE_LABELS[p] for p in PHASES) +
+        ' (s / iter) |',
+        '|---|' + '---|' * len(PHASES),
+    ]
+    for name, row in summary['table'].items():
+        n = row['runs']
+        lines.append(f'| {name} | ' + ' | '.join(
+            fmt(row['phases'][p], 4, n) if row['phases'][p] else '—'
+            for p in PHASES) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+# --------------------------------------------------------------------- plots
+def _mean_curve(curves: List[List[Tuple[float, float]]]):
+    """Mean, min and max over runs at the steps all runs logged."""
+    common = sorted(set.intersection(*[{s for s, _ in c} for c in curves]))
+    values = [[dict(c)[s] for c in curves] for s in common]
+    return (common, [statistics.fmean(v) for v in values],
+            [min(v) for v in values], [max(v) for v in values])
+
+
+def plot_all(summary: Dict[str, Any], names: List[str], metric: str,
+             out_dir: str) -> List[str]:
+    per_run = summary['per_run']
+    by_name = {n: [r for (k, _), r in per_run.items() if k == n]
+               for n in names}
+    by_name = {n: rs for n, rs in by_name.items() if rs}
+    paths = []
+
+    def save(fig, file):
+        fig.tight_layout()
+        path = osp.join(out_dir, file)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+
+    for x in ('iter', 'time'):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, rs in by_name.items():
+            curves = [r['loss_curve'] for r in rs]
+            steps, mean, lo, hi = _mean_curve(curves)
+            if x == 'time':
+                clocks = [r['clock'] for r in rs]
+                xs = [statistics.fmean(c[s] for c in clocks) for s in steps]
+            else:
+                xs = steps
+            ax.plot(xs, mean, label=f'{name} ({len(rs)} seeds)')
+            ax.fill_between(xs, lo, hi, alpha=0.2)
+        ax.set_xlabel('iteration' if x == 'iter' else 'training seconds')
+        ax.set_ylabel('training loss')
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, f'loss_vs_{x}.png')
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rs in by_name.items():
+        curves = [r['metric_curve'] for r in rs if r['metric_curve']]
+        if not curves:
+            continue
+        steps, mean, lo, hi = _mean_curve(curves)
+        err = [[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]]
+        ax.errorbar(steps, mean, yerr=err, marker='o', capsize=4, label=name)
+    ax.set_xlabel('iteration')
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, 'metric_vs_iter.png')
+
+    table = summary['table']
+    shown = [n for n in names if n in by_name]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(shown) + 2))
+    left = [0.0] * len(shown)
+    for phase in PHASES:
+        widths = [(table[n]['phases'][phase] or (0.0, 0, 0))[0] for n in shown]
+        ax.barh(shown, widths, left=left, label=PHASE_LABELS[phase])
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_xlabel('seconds per iteration (mean over seeds)')
+    ax.invert_yaxis()
+    ax.legend(fontsize='small', ncol=len(PHASES), loc='lower center',
+              bbox_to_anchor=(0.5, 1.0), frameon=False)
+    save(fig, 'phase_seconds.png')
+
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(shown) + 1.5))
+    memory = [(table[n]['state_mb'] or (0.0, 0, 0))[0] for n in shown]
+    ax.barh(shown, memory)
+    for i, v in enumerate(memory):
+        ax.text(v, i, f' {v:.1f}', va='center')
+    ax.set_xlabel('optimizer state (MiB)')
+    ax.invert_yaxis()
+    save(fig, 'state_memory.png')
+    return paths
+
+
+# ---------------------------------------------------------------------- main
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('config', help='model config (data, schedule, model)')
+    parser.add_argument(
+        '--optimizers', nargs='+', required=True,
+        help="settings: NAME=CONFIG.py, CONFIG.py or 'NAME:key=value;...'")
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--max-iters', type=int,
+                        help='iterations per run (iteration-based configs; '
+                        'the LR schedule is stretched to match)')
+    parser.add_argument('--max-epochs', type=int,
+                        help='epochs per run (epoch-based configs)')
+    parser.add_argument('--val-interval', type=int,
+                        help='validate every N iterations / epochs '
+                        '(default: at the end)')
+    parser.add_argument('--log-interval', type=int,
+                        help='logging interval (default: the config\'s)')
+    parser.add_argument('--checkpoint-interval', type=int,
+                        help='checkpoint (resume point) every N iterations '
+                        '/ epochs (default: at the end)')
+    parser.add_argument('--data-root',
+                        help='dataset root (default: the config\'s; the '
+                        'built-in synthetic data is generated if missing)')
+    parser.add_argument('--num-train', type=int,
+                        help='images of generated synthetic train data')
+    parser.add_argument('--num-val', type=int,
+                        help='images of generated synthetic val data')
+    parser.add_argument('--reference',
+                        help='setting the others are compared with '
+                        '(default: adamw if present, else the first)')
+    parser.add_argument('--metric', help='validation metric key '
+                        f'(default: the first of {", ".join(METRIC_KEYS)})')
+    parser.add_argument('--work-dir', default='work_dirs/compare_optimizers')
+    parser.add_argument('--out-dir', help='plots and tables (default: '
+                        'the work dir)')
+    parser.add_argument('--report-only', action='store_true',
+                        help='train nothing: plot and tabulate the runs '
+                        'that are finished')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='config overrides for every setting')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = parse_args(argv)
+    settings = [parse_setting(s) for s in args.optimizers]
+    names = [n for n, _ in settings]
+    if len(set(names)) != len(names):
+        raise SystemExit(f'setting names must be unique: {names}')
+    reference = args.reference or ('adamw' if 'adamw' in names else names[0])
+    if reference not in names:
+        raise SystemExit(f'--reference {reference!r} is not among {names}')
+    runs = run_all(args, settings)
+    summary = summarise(runs, names, reference, args.metric)
+    metric = args.metric or next(
+        (metric_key(load_scalars(d), None) for d in runs.values()
+         if osp.isfile(osp.join(d, 'done.json'))), None) or 'metric'
+    out_dir = args.out_dir or args.work_dir
+    os.makedirs(out_dir, exist_ok=True)
+    plots = plot_all(summary, names, metric, out_dir)
+    table = markdown(summary, metric)
+    with open(osp.join(out_dir, 'results.md'), 'w') as f:
+        f.write(table)
+    per_run = {f'{n}/seed{s}': {k: v for k, v in r.items()
+                                 if k not in ('loss_curve', 'clock',
+                                              'metric_curve')}
+               for (n, s), r in summary['per_run'].items()}
+    with open(osp.join(out_dir, 'summary.json'), 'w') as f:
+        json.dump(dict(reference=reference, metric=metric, runs=per_run,
+                       table=summary['table']), f, indent=1)
+    print(table)
+    print('wrote ' + ', '.join(plots + [osp.join(out_dir, 'results.md')]))
+    missing = len(runs) - len(summary['per_run'])
+    return 1 if missing else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
