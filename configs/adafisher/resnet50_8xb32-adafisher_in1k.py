@@ -25,3 +25,9 @@ optim_wrapper = dict(
 
 param_scheduler = dict(
     _delete_=True, type='CosineAnnealingLR', T_max=100, by_epoch=True)
+
+# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
+# state memory and the preconditioner's health at the logger's interval.
+custom_hooks = [dict(type='PrecondStatsHook', interval=100)]
+# at most 3 checkpoints are kept (a preconditioner's state makes them large)
+default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

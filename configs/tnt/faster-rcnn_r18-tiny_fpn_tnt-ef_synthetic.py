@@ -22,3 +22,5 @@ custom_hooks = [
     dict(type='WarmStartHook'),
     dict(type='PrecondStatsHook', interval=50)
 ]
+# at most 3 checkpoints are kept (a preconditioner's state makes them large)
+default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

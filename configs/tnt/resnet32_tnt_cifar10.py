@@ -27,3 +27,5 @@ custom_hooks = [
     dict(type='WarmStartHook'),
     dict(type='PrecondStatsHook', interval=100)
 ]
+# at most 3 checkpoints are kept (a preconditioner's state makes them large)
+default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))
