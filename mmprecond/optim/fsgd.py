@@ -279,12 +279,9 @@ class FSGD(FeatureDescent):
         max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
         precondition_convs (bool): Also precondition ``Conv2d`` layers
             (im2col inputs). Defaults to False.
-        skip_nonfinite_steps (bool): Without an AMP loss scaler, skip a
-            step whose gradients are not all finite exactly (weights and
-            state untouched), at the cost of one host read per step.
-            ``False`` (default): non-finite gradient entries are zeroed
-            on the device and counted, with no host read.  With a loss
-            scaler the scaler skips such steps either way.
+        skip_nonfinite_steps (bool): Skip a non-finite step exactly (one
+            host read per step) instead of zeroing non-finite gradient
+            entries on the device; see :class:`~mmprecond.optim.NKFAC`.
         factor_memory_budget_mb (float, optional): Bound, in MiB, on the
             estimated factor memory; see :class:`~mmprecond.optim.NKFAC`.
             Defaults to None.
