@@ -19,6 +19,7 @@ optim_wrapper = dict(
         curvature_interval=20,
         warm_start_iters=5))
 custom_hooks = [
-    dict(type='PrecondStatsHook', interval=10),dict(type='SecondPassHook'), dict(type='WarmStartHook')]
+    dict(type='PrecondStatsHook', interval=10),
+    dict(type='SecondPassHook'), dict(type='WarmStartHook')]
 # at most 3 checkpoints are kept (a preconditioner's state makes them large)
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

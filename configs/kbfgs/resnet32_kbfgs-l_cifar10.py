@@ -8,5 +8,3 @@ _base_ = './resnet32_kbfgs_cifar10.py'
 optim_wrapper = dict(
     optimizer=dict(
         type='KBFGS_L', lr=1e3, damping=1e4, weight_decay=1e-6, history=100))
-# at most 3 checkpoints are kept (a preconditioner's state makes them large)
-default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -8,5 +8,3 @@ optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='TNT_EF', lr=1e-4, weight_decay=10.0,
                    damping=0.01, momentum=0.9, stat_interval=10,
                    inv_interval=100, warm_start_iters=50))
-# at most 3 checkpoints are kept (a preconditioner's state makes them large)
-default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))
