@@ -91,7 +91,9 @@ DEFAULT = default_subset(ZOO)
 #: Configs whose first step computes every inverse root from scratch (AdaBK:
 #: 10 coupled Newton-Schulz iterations, Shampoo: two nested runs) on factors
 #: up to 4608 wide: 7 (Swin-T) to over 10 minutes each on 2 CPU cores, so
-#: they train only with ``-m zoo``.  The demo detector covers the optimizers
+#: they train only with ``-m zoo`` and are also marked ``heavy``: CI runs
+#: ``-m "zoo and not heavy"`` (its 90 minutes would not hold them), while
+#: ``make test-zoo`` runs them too.  The demo detector covers the optimizers
 #: in ``tests/test_optim/test_extra_optimizers_mmdet.py``.
 CPU_HEAVY = {
     'adabk/faster-rcnn_r50_fpn_sgdm-bk-1x_coco.py',
@@ -104,7 +106,9 @@ PARAMS = [
     pytest.param(p, id=config_id(p),
                  marks=(pytest.mark.slow, ) if p in DEFAULT
                  and config_id(p) not in CPU_HEAVY else
-                 (pytest.mark.slow, pytest.mark.zoo)) for p in ZOO
+                 (pytest.mark.slow, pytest.mark.zoo) +
+                 ((pytest.mark.heavy, ) if config_id(p) in CPU_HEAVY else ()))
+    for p in ZOO
 ]
 
 
