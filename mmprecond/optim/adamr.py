@@ -19,8 +19,9 @@ from ..curvature.capture import factor_dims, gradient_matrix, split_gradient_mat
 from ..curvature.factors import BatchStatistics
 from ..distributed import Chunk, run_batched
 from ..linalg import EIGH_FAILED, batch_limit, eigh_batch, record_flags
-from .base import PrecondOptimizer, adamw_update, check_positive, check_unit_interval
+from .base import PrecondOptimizer, adamw_update, check_positive
 from .checks import check_budget, check_interval, warn_unaligned_interval
+from .defaults import adamw_defaults
 
 #: Default ``max_factor_dim``, the same bound as NKFAC's: every factor of a
 #: ResNet-50 FPN Faster R-CNN is decomposed except the 12545-wide input side
@@ -373,11 +374,7 @@ class AdamR(PrecondOptimizer):
                  factor_memory_budget_mb: Optional[float] = None) -> None:
         self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
         self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
-        check_positive('lr', lr, allow_zero=True)
-        check_positive('eps', eps, allow_zero=True)
-        check_positive('weight_decay', weight_decay, allow_zero=True)
-        check_unit_interval('betas[0]', betas[0])
-        check_unit_interval('betas[1]', betas[1])
+        defaults = adamw_defaults(lr, betas, eps, weight_decay)
         check_positive('eps_basis', eps_basis, allow_zero=True)
         check_interval('basis_interval', basis_interval)
         if moment_projection not in MOMENT_PROJECTIONS:
@@ -395,8 +392,6 @@ class AdamR(PrecondOptimizer):
                              f'(one of {FIRST_BASIS})')
         if power_interval is not None and int(power_interval) < 1:
             raise ValueError(f'Invalid power_interval: {power_interval} (>= 1)')
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps,
-                        weight_decay=weight_decay)
         super().__init__(params, defaults, model, 'adamw', stat_interval,
                          max_factor_dim)
         self.basis_interval = int(basis_interval)

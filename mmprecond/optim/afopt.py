@@ -36,7 +36,8 @@ from ..curvature.capture import input_rows_gram
 from ..curvature.factors import BatchStatistics
 from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
 from .checks import check_budget
-from .fsgd import DEFAULT_MAX_FACTOR_DIM, FeatureDescent, adamw_defaults, sgdm_defaults
+from .defaults import adamw_defaults, sgdm_defaults
+from .fsgd import DEFAULT_MAX_FACTOR_DIM, FeatureDescent
 
 #: Elements of the largest ``(b, H, N, N)`` temporary of the softmax
 #: Jacobian statistics (fp32): about 64 MB per temporary.

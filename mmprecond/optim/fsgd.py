@@ -27,6 +27,7 @@ from ..linalg import (
 from ..logging import FallbackLog
 from .base import PrecondOptimizer, check_positive, check_unit_interval
 from .checks import check_budget, check_damping, check_interval, warn_unaligned_interval
+from .defaults import adamw_defaults, sgdm_defaults
 
 #: Default ``max_factor_dim``: a layer whose input factor (``C_in`` plus the
 #: bias column, ``C_in k^2`` for a conv) is wider gets the plain base update.
@@ -387,25 +388,3 @@ class FAdam(FeatureDescent):
                          inv_interval, damping, damping_floor, stat_decay,
                          grad_norm_recovery, max_factor_dim, precondition_convs)
 
-
-def sgdm_defaults(lr: float, momentum: float, weight_decay: float,
-                  nesterov: bool) -> dict:
-    """Validated group defaults of the SGDM base."""
-    check_positive('lr', lr, allow_zero=True)
-    check_positive('momentum', momentum, allow_zero=True)
-    check_positive('weight_decay', weight_decay, allow_zero=True)
-    if nesterov and momentum <= 0:
-        raise ValueError('nesterov momentum requires momentum > 0')
-    return dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                nesterov=nesterov)
-
-
-def adamw_defaults(lr: float, betas: Tuple[float, float], eps: float,
-                   weight_decay: float) -> dict:
-    """Validated group defaults of the AdamW base."""
-    check_positive('lr', lr, allow_zero=True)
-    check_positive('eps', eps, allow_zero=True)
-    check_positive('weight_decay', weight_decay, allow_zero=True)
-    check_unit_interval('betas[0]', betas[0])
-    check_unit_interval('betas[1]', betas[1])
-    return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)

@@ -25,6 +25,7 @@ from .checks import (
     reject_keywords,
     warn_unaligned_interval,
 )
+from .defaults import adamw_defaults, sgdm_defaults
 
 #: Default ``max_factor_dim``, chosen from ``benchmarks/factor_budget.py`` on
 #: mmdet's Faster R-CNN R50-FPN (57 trainable Linear/Conv2d layers).  It forms
@@ -375,13 +376,7 @@ class NKFAC(_KroneckerInverse):
         self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
         self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
         self.checkpoint_inverses = bool(checkpoint_inverses)
-        check_positive('lr', lr, allow_zero=True)
-        check_positive('momentum', momentum, allow_zero=True)
-        check_positive('weight_decay', weight_decay, allow_zero=True)
-        if nesterov and momentum <= 0:
-            raise ValueError('nesterov momentum requires momentum > 0')
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        nesterov=nesterov)
+        defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
         super().__init__(params, defaults, model, 'sgdm', stat_interval,
                          inv_interval, exact_inv_period, newton_steps, damping,
                          damping_floor, stat_decay, grad_norm_recovery,
@@ -484,13 +479,7 @@ class AdaNKFAC(_KroneckerInverse):
         self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
         self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
         self.checkpoint_inverses = bool(checkpoint_inverses)
-        check_positive('lr', lr, allow_zero=True)
-        check_positive('eps', eps, allow_zero=True)
-        check_positive('weight_decay', weight_decay, allow_zero=True)
-        check_unit_interval('betas[0]', betas[0])
-        check_unit_interval('betas[1]', betas[1])
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps,
-                        weight_decay=weight_decay)
+        defaults = adamw_defaults(lr, betas, eps, weight_decay)
         super().__init__(params, defaults, model, 'adamw', stat_interval,
                          inv_interval, exact_inv_period, newton_steps, damping,
                          damping_floor, stat_decay, grad_norm_recovery,
