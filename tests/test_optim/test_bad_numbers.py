@@ -66,12 +66,27 @@ def assert_all_finite(model, opt):
             assert torch.isfinite(t).all(), path
 
 
-def one_bad_step(model, opt, x, y, poison):
+def one_bad_step(model, opt, x, y, where):
+    """One step with a non-finite gradient entry (``grad_nan`` /
+    ``grad_inf``) or a NaN in the first layer's output (``activation``)."""
+    first_param = next(model.parameters())
+    handle = None
+    if where == 'activation':
+        first = next(m for m in model.modules()
+                     if isinstance(m, (nn.Linear, nn.Conv2d)))
+        handle = first.register_forward_hook(
+            lambda m, i, out: out.index_fill(0, torch.tensor([0]),
+                                             float('nan')))
     opt.zero_grad()
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    poison(model)
+    if where == 'grad_nan':
+        first_param.grad.view(-1)[0] = float('nan')
+    elif where == 'grad_inf':
+        first_param.grad.view(-1)[-1] = float('inf')
     opt.step()
+    if handle is not None:
+        handle.remove()
 
 
 @pytest.mark.parametrize('cls,setup,hp', CASES)
@@ -87,24 +102,7 @@ def test_nonfinite_step_is_skipped_exactly(cls, setup, hp, where):
     run(model, opt, data[:3])
     before_params = copy.deepcopy(model.state_dict())
     before_state = flat_state(opt)
-    first_param = next(model.parameters())
-    handle = None
-    if where == 'activation':  # NaN in the first layer's output
-        first = next(m for m in model.modules()
-                     if isinstance(m, (nn.Linear, nn.Conv2d)))
-        handle = first.register_forward_hook(
-            lambda m, i, out: out.index_fill(0, torch.tensor([0]),
-                                             float('nan')))
-
-    def poison(_):
-        if where == 'grad_nan':
-            first_param.grad.view(-1)[0] = float('nan')
-        elif where == 'grad_inf':
-            first_param.grad.view(-1)[-1] = float('inf')
-
-    one_bad_step(model, opt, *data[3], poison)
-    if handle is not None:
-        handle.remove()
+    one_bad_step(model, opt, *data[3], where)
     assert opt.fallbacks.counts['nonfinite_gradient_skipped'] == 1
     assert opt.steps == 3
     for k, v in model.state_dict().items():
@@ -126,24 +124,7 @@ def test_nonfinite_gradient_entries_are_zeroed_by_default(cls, setup, hp, where)
     model = setup['make']()
     opt = cls(model.parameters(), model=model, **hp)
     run(model, opt, data[:3])
-    first_param = next(model.parameters())
-    handle = None
-    if where == 'activation':  # NaN in the first layer's output
-        first = next(m for m in model.modules()
-                     if isinstance(m, (nn.Linear, nn.Conv2d)))
-        handle = first.register_forward_hook(
-            lambda m, i, out: out.index_fill(0, torch.tensor([0]),
-                                             float('nan')))
-
-    def poison(_):
-        if where == 'grad_nan':
-            first_param.grad.view(-1)[0] = float('nan')
-        elif where == 'grad_inf':
-            first_param.grad.view(-1)[-1] = float('inf')
-
-    one_bad_step(model, opt, *data[3], poison)
-    if handle is not None:
-        handle.remove()
+    one_bad_step(model, opt, *data[3], where)
     assert opt.steps == 4  # the step was taken, with finite values only
     assert_all_finite(model, opt)
     assert opt.fallbacks.counts['nonfinite_gradient_zeroed'] >= 1
