@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # The comparison of docs/benchmarks.md: the demo Faster R-CNN and the demo
-# ResNet-18 classifier, each with SGD, AdamW, NKFAC, AdaNKFAC, KFAC and AdamR,
-# 3 seeds, the same budget, through tools/analysis_tools/compare_optimizers.py.
-# Finished runs are skipped and interrupted ones resumed when rerun.
+# ResNet-18 classifier, each with SGD, AdamW, NKFAC, AdaNKFAC, KFAC and AdamR
+# (plus pytorch-optimizer's SOAP and Shampoo and singd's SINGD when
+# `pip install .[peers]` installed them), and the small Swin classifier with
+# SGD, AdamW, FSGD, FAdam, AFOpt and Ada_AFOpt; 3 seeds, the same budget,
+# through tools/analysis_tools/compare_optimizers.py. Finished runs are
+# skipped and interrupted ones resumed when rerun.
 #
-#   bash benchmarks/compare_demos.sh [det|cls|all]     (default: all)
+#   bash benchmarks/compare_demos.sh [det|cls|swin|all]     (default: all)
 #
-# DET_ITERS / CLS_EPOCHS / SEEDS / WORK override the budget.
+# DET_ITERS / CLS_EPOCHS / SWIN_EPOCHS / SEEDS / WORK override the budget;
+# PEERS=0 leaves the peer optimizers out even when installed.
 set -eo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 WORK=${WORK:-work_dirs/compare_demos}
 SEEDS=${SEEDS:-0 1 2}
-DET_ITERS=${DET_ITERS:-20}
-CLS_EPOCHS=${CLS_EPOCHS:-2}
+DET_ITERS=${DET_ITERS:-300}
+CLS_EPOCHS=${CLS_EPOCHS:-10}
+SWIN_EPOCHS=${SWIN_EPOCHS:-10}
 WHAT=${1:-all}
+# REPORT_ONLY=1: tabulate and plot the finished runs, train nothing (after
+# running seed groups in parallel, e.g. SEEDS="0 1" and SEEDS=2 at once)
+EXTRA=()
+[[ -n ${REPORT_ONLY:-} ]] && EXTRA+=(--report-only)
 
 O=optim_wrapper.optimizer
 PRE="optim_wrapper.constructor=PrecondOptimWrapperConstructor"
@@ -31,15 +40,41 @@ settings() {
   echo "adankfac:$PRE;$O.type=AdaNKFAC;$iv"
   echo "kfac:$PRE;$O.type=KFAC;$1;$iv"
   echo "adamr:$PRE;$O.type=AdamR;$O.stat_interval=$2;$O.basis_interval=$3"
+  if [[ $WITH_PEERS == 1 ]]; then
+    # AdamW's lr / wd for the Adam-like SOAP and the AdaGrad-like Shampoo;
+    # SOAP's basis and Shampoo's inverse roots every refresh interval (an
+    # SVD per dimension, up to 3136 wide in the detector), SINGD's
+    # preconditioner every statistics interval; SINGD on SGD's settings.
+    echo "peer_soap:$O.type=PeerSOAP;$O.precondition_frequency=$3"
+    echo "peer_shampoo:$O.type=PeerShampoo;$O.weight_decouple=True;$O.preconditioning_compute_steps=$3"
+    echo "peer_singd:$PRE;$O.type=PeerSINGD;$1;$O.T=$2"
+  fi
 }
 
+# the attention-aware family (FSGD / FAdam / AFOpt / Ada_AFOpt), for Swin
+afopt_settings() {
+  local iv="$O.stat_interval=$2;$O.inv_interval=$3"
+  echo "sgd:$O.type=SGD;$1"
+  echo "adamw:"
+  echo "fsgd:$PRE;$O.type=FSGD;$1;$iv"
+  echo "fadam:$PRE;$O.type=FAdam;$iv"
+  echo "afopt:$PRE;$O.type=AFOpt;$1;$iv"
+  echo "ada_afopt:$PRE;$O.type=Ada_AFOpt;$iv"
+}
+
+WITH_PEERS=0
+if [[ ${PEERS:-1} != 0 ]] && $PYTHON -c "import pytorch_optimizer, singd" 2>/dev/null; then
+  WITH_PEERS=1
+fi
+
 if [[ $WHAT == det || $WHAT == all ]]; then
-  # statistics every step, refreshes every 5 (warm-started Newton from step 15)
-  mapfile -t DET < <(settings "$O.lr=0.02;$O.momentum=0.9;$O.weight_decay=1e-4" 1 5)
+  # statistics every 5 steps, refreshes every 25 (exact at 0, 25, 50,
+  # warm-started Newton afterwards)
+  mapfile -t DET < <(settings "$O.lr=0.02;$O.momentum=0.9;$O.weight_decay=1e-4" 5 25)
   # AdamW: lr 2e-3, wd 0.05 (the demo config); 40 val images keep evaluation short
   $PYTHON tools/analysis_tools/compare_optimizers.py \
     configs/demo/faster-rcnn_r18-tiny_fpn_adamw_synthetic.py \
-    --optimizers "${DET[@]}" --seeds $SEEDS --max-iters "$DET_ITERS" \
+    --optimizers "${DET[@]}" --seeds $SEEDS "${EXTRA[@]}" --max-iters "$DET_ITERS" \
     --log-interval 5 --data-root data/synthetic_coco_val40 --num-val 40 \
     --work-dir "$WORK/det" --out-dir docs/benchmarks/det --cfg-options $LOADERS
 fi
@@ -48,7 +83,15 @@ if [[ $WHAT == cls || $WHAT == all ]]; then
   mapfile -t CLS < <(settings "$O.lr=0.05;$O.momentum=0.9;$O.weight_decay=1e-4" 4 20)
   $PYTHON tools/analysis_tools/compare_optimizers.py \
     configs/demo/resnet18-tiny_adamw_synthetic-cls.py \
-    --optimizers "${CLS[@]}" --seeds $SEEDS --max-epochs "$CLS_EPOCHS" \
+    --optimizers "${CLS[@]}" --seeds $SEEDS "${EXTRA[@]}" --max-epochs "$CLS_EPOCHS" \
     --log-interval 4 --work-dir "$WORK/cls" --out-dir docs/benchmarks/cls \
+    --cfg-options $LOADERS
+fi
+if [[ $WHAT == swin || $WHAT == all ]]; then
+  mapfile -t SWIN < <(afopt_settings "$O.lr=0.05;$O.momentum=0.9;$O.weight_decay=1e-4" 4 20)
+  $PYTHON tools/analysis_tools/compare_optimizers.py \
+    configs/demo/swin-mini_adamw_synthetic-cls.py \
+    --optimizers "${SWIN[@]}" --seeds $SEEDS "${EXTRA[@]}" --max-epochs "$SWIN_EPOCHS" \
+    --log-interval 4 --work-dir "$WORK/swin" --out-dir docs/benchmarks/swin \
     --cfg-options $LOADERS
 fi

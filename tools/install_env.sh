@@ -80,7 +80,8 @@ if ! "$VENV/bin/python" -c "import mmcv.ops" 2>/dev/null; then
   "${PIP[@]}" "$WHEELHOUSE"/mmcv-2.1.0-*.whl  # its pure-Python requirements
 fi
 "${PIP[@]}" "mmdet==3.3.0" "mmpretrain==1.2.0" pycocotools
-"${PIP[@]}" --no-build-isolation -e "$ROOT[tests]"
+# peers: the third-party optimizers compared in docs/benchmarks.md (tested)
+"${PIP[@]}" --no-build-isolation -e "$ROOT[tests,peers]"
 "$VENV/bin/python" - <<'PY'
 import mmcv, mmdet, mmengine, mmpretrain, torch
 from mmcv.ops import nms, roi_align  # noqa: F401  (compiled ops present)

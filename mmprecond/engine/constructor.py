@@ -8,6 +8,7 @@ from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
 
 from ..optim.checks import check_keywords
+from ..optim.peers import PEER_PACKAGES
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -102,6 +103,10 @@ class PrecondOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if isinstance(optimizer_cls, str):
             with OPTIMIZERS.switch_scope_and_registry(None) as registry:
                 optimizer_cls = registry.get(optimizer_cls)
+            if optimizer_cls is None and optimizer_cfg['type'] in PEER_PACKAGES:
+                raise KeyError(f"optimizer type '{optimizer_cfg['type']}' "
+                               'needs the peer packages: pip install '
+                               '.[peers] (pytorch-optimizer, singd)')
             if optimizer_cls is None:
                 raise KeyError(f"optimizer type '{optimizer_cfg['type']}' is not "
                                'registered (did you add custom_imports='

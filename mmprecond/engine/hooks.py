@@ -1,7 +1,7 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """Training-log visibility for preconditioned optimizers."""
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.hooks import Hook
@@ -19,13 +19,25 @@ CHECKPOINT_KEY = 'precond_stats'
 MB = float(1 << 20)
 
 
-def tensor_megabytes(tensors) -> float:
+def _tensors(values: Iterable) -> Iterator[Tensor]:
+    """The tensors in ``values``, looking inside lists, tuples and dicts."""
+    for v in values:
+        if isinstance(v, Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _tensors(v)
+        elif isinstance(v, dict):
+            yield from _tensors(v.values())
+
+
+def tensor_megabytes(tensors: Iterable) -> float:
     """Total size in MiB of the tensors in ``tensors`` (others are skipped).
 
-    Reads only shapes and dtypes, never device values.
+    Lists, tuples and dicts are searched too (e.g. the per-dimension
+    factor lists of pytorch-optimizer's SOAP).  Reads only shapes and
+    dtypes, never device values.
     """
-    return sum(t.numel() * t.element_size() for t in tensors
-               if isinstance(t, Tensor)) / MB
+    return sum(t.numel() * t.element_size() for t in _tensors(tensors)) / MB
 
 
 def optimizer_state_megabytes(optimizer) -> Tuple[float, float]:
@@ -34,8 +46,13 @@ def optimizer_state_megabytes(optimizer) -> Tuple[float, float]:
     *All state* is the per-parameter state of any ``torch.optim.Optimizer``
     (momentum buffers, Adam moments) plus, for mmprecond's optimizers, the
     per-layer preconditioner state (factors, inverses, bases, rotated
-    moments), which is the second number.
+    moments), which is the second number.  An optimizer that keeps its
+    state elsewhere reports it through a ``state_megabytes()`` method with
+    the same meaning (:class:`~mmprecond.optim.PeerSINGD`).
     """
+    own = getattr(optimizer, 'state_megabytes', None)
+    if callable(own):
+        return own()
     base = tensor_megabytes(v for st in optimizer.state.values()
                             for v in st.values())
     layer_state = getattr(optimizer, 'layer_state', None) or {}

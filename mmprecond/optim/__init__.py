@@ -8,10 +8,14 @@ from .base import PrecondOptimizer
 from .fsgd import FSGD, FAdam
 from .kbfgs import KBFGS, KBFGS_L
 from .nkfac import KFAC, NKFAC, AdaNKFAC
+from .peers import PeerSINGD, register_peer_optimizers
 from .sgd_ph import SGD_PH
 from .shampoo import Shampoo
 from .tnt import TNT, TNT_EF
 
+# PeerSOAP / PeerShampoo, when pytorch-optimizer is installed (.[peers])
+register_peer_optimizers()
+
 __all__ = ['PrecondOptimizer', 'NKFAC', 'AdaNKFAC', 'KFAC', 'AdamR', 'FSGD', 'FAdam',
            'AFOpt', 'Ada_AFOpt', 'SGD_PH', 'SGDM_BK', 'AdamW_BK', 'Shampoo',
-           'AdaFisher', 'AdaFisherW', 'KBFGS', 'KBFGS_L', 'TNT', 'TNT_EF']
+           'AdaFisher', 'AdaFisherW', 'KBFGS', 'KBFGS_L', 'TNT', 'TNT_EF', 'PeerSINGD']
