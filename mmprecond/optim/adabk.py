@@ -5,13 +5,14 @@ Reference: H. Yong, Y. Sun, L. Zhang, *A General Regret Bound of
 Preconditioned Gradient Method for DNN Training*, CVPR 2023 (Algorithm 2,
 eqs. 16-19).
 """
-from typing import Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch.nn as nn
 from mmengine.registry import OPTIMIZERS
 
 from ..inverse_root import inverse_roots
 from .base import check_positive
+from .checks import check_budget
 from .defaults import adamw_defaults, sgdm_defaults
 from .nkfac import DEFAULT_MAX_FACTOR_DIM, _KroneckerInverse
 
@@ -43,8 +44,14 @@ class _KroneckerRoot(_KroneckerInverse):
     def __init__(self, params: Iterable, defaults: dict, model: Optional[nn.Module],
                  base: str, stat_interval: int, inv_interval: int, damping: float,
                  relative_damping: bool, ns_iters: int, stat_decay: float,
-                 grad_norm_recovery: bool, max_factor_dim: int) -> None:
+                 grad_norm_recovery: bool, max_factor_dim: int,
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
         check_positive('damping', damping)
+        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
+        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.checkpoint_inverses = bool(checkpoint_inverses)
         if int(ns_iters) < 1:
             raise ValueError(f'Invalid ns_iters: {ns_iters} (>= 1)')
         super().__init__(params, defaults, model, base, stat_interval,
@@ -57,8 +64,19 @@ class _KroneckerRoot(_KroneckerInverse):
         self.relative_damping = bool(relative_damping)
         self.ns_iters = int(ns_iters)
 
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a checkpoint; roots it lacks (``checkpoint_inverses=False``)
+        are computed at the next step, whatever its phase."""
+        super().load_state_dict(state_dict)
+        self._roots_after_load = True
+
     def update_preconditioners(self, step: int) -> None:
         periodic = step % self.inv_interval == 0
+        # a missing root (never computed, or its computation failed) is
+        # retried when new statistics arrive; right after loading, at once
+        retry = (self.is_stat_step(step)
+                 or getattr(self, '_roots_after_load', False))
+        self._roots_after_load = False
         due: List[Tuple[dict, str]] = []
         for name, module in self.layers.items():
             st = self.layer_state.get(name)
@@ -66,7 +84,7 @@ class _KroneckerRoot(_KroneckerInverse):
                 continue
             for side, _ in self._sides(module):
                 missing = side + '_inv' not in st
-                if side in st and (periodic or missing and self.is_stat_step(step)):
+                if side in st and (periodic or missing and retry):
                     due.append((st, side))
         if not due:
             return
@@ -136,6 +154,10 @@ class SGDM_BK(_KroneckerRoot):
             19). Defaults to True.
         max_factor_dim (int): Larger factors are not formed (that side is
             identity). See :data:`~mmprecond.optim.nkfac.DEFAULT_MAX_FACTOR_DIM`.
+        skip_nonfinite_steps, factor_memory_budget_mb,
+        checkpoint_inverses: As in :class:`~mmprecond.optim.NKFAC` (the
+            saved-without-inverses resume recomputes each root from scratch
+            at the first step after loading).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -163,11 +185,16 @@ class SGDM_BK(_KroneckerRoot):
                  ns_iters: int = 10,
                  stat_decay: float = 0.9,
                  grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> None:
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
         defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
         super().__init__(params, defaults, model, 'sgdm', stat_interval,
                          inv_interval, damping, relative_damping, ns_iters,
-                         stat_decay, grad_norm_recovery, max_factor_dim)
+                         stat_decay, grad_norm_recovery, max_factor_dim,
+                         skip_nonfinite_steps, factor_memory_budget_mb,
+                         checkpoint_inverses)
 
 
 @OPTIMIZERS.register_module()
@@ -195,8 +222,9 @@ class AdamW_BK(_KroneckerRoot):
         weight_decay (float): Decoupled weight decay. Defaults to 0.02 (the
             paper's Swin Mask R-CNN value).
         model, stat_interval, inv_interval, damping, relative_damping,
-        ns_iters, stat_decay, grad_norm_recovery, max_factor_dim: As in
-        :class:`SGDM_BK`.
+        ns_iters, stat_decay, grad_norm_recovery, max_factor_dim,
+        skip_nonfinite_steps, factor_memory_budget_mb,
+        checkpoint_inverses: As in :class:`SGDM_BK`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -223,8 +251,13 @@ class AdamW_BK(_KroneckerRoot):
                  ns_iters: int = 10,
                  stat_decay: float = 0.9,
                  grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> None:
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
         defaults = adamw_defaults(lr, betas, eps, weight_decay)
         super().__init__(params, defaults, model, 'adamw', stat_interval,
                          inv_interval, damping, relative_damping, ns_iters,
-                         stat_decay, grad_norm_recovery, max_factor_dim)
+                         stat_decay, grad_norm_recovery, max_factor_dim,
+                         skip_nonfinite_steps, factor_memory_budget_mb,
+                         checkpoint_inverses)

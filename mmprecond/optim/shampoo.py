@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from mmengine.registry import OPTIMIZERS
 
-from ..curvature.capture import gradient_matrix
+from ..curvature.capture import factor_dims, gradient_matrix
 from ..curvature.factors import BatchStatistics, ema_update
 from .adabk import _KroneckerRoot
 from .defaults import sgdm_defaults
@@ -66,6 +66,8 @@ class Shampoo(_KroneckerRoot):
         stat_decay (float): ``b``. Defaults to 0.99.
         grafting (str): ``'sgd'`` or ``'none'``. Defaults to ``'sgd'``.
         max_factor_dim (int): Larger factors are not formed (identity).
+        skip_nonfinite_steps, factor_memory_budget_mb,
+        checkpoint_inverses: As in :class:`~mmprecond.optim.NKFAC`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -93,18 +95,29 @@ class Shampoo(_KroneckerRoot):
                  ns_iters: int = 25,
                  stat_decay: float = 0.99,
                  grafting: str = 'sgd',
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> None:
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
         if grafting not in ('sgd', 'none'):
             raise ValueError(f"Invalid grafting: {grafting!r} ('sgd' or 'none')")
         defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
         super().__init__(params, defaults, model, 'sgdm', stat_interval,
                          inv_interval, damping, relative_damping, ns_iters,
-                         stat_decay, grafting == 'sgd', max_factor_dim)
+                         stat_decay, grafting == 'sgd', max_factor_dim,
+                         skip_nonfinite_steps, factor_memory_budget_mb,
+                         checkpoint_inverses)
         self._skipped: Optional[torch.Tensor] = None
 
     def capture_sides(self, module: nn.Module) -> Tuple[bool, bool]:
         """Shampoo's statistics come from the gradient: nothing is captured."""
         return False, False
+
+    def factor_bytes(self, module: nn.Module) -> int:
+        """``L`` and ``R`` (from the gradient, not captured) and their roots,
+        fp32, for the sides within ``max_factor_dim``."""
+        d_out, d_in = factor_dims(module)
+        return 2 * 4 * sum(d * d for d in (d_out, d_in) if self.side_enabled(d))
 
     def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
         """Fold ``G G^T`` and ``G^T G`` into the EMAs without reading the device.

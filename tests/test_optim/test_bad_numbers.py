@@ -19,7 +19,19 @@ import torch.nn as nn
 from test_afopt import TinyTransformer, seq_batches
 from test_nkfac import batches, run, tiny_net
 
-from mmprecond.optim import FSGD, KFAC, NKFAC, Ada_AFOpt, AdamR, AdaNKFAC, AFOpt, FAdam
+from mmprecond.optim import (
+    FSGD,
+    KFAC,
+    NKFAC,
+    SGDM_BK,
+    Ada_AFOpt,
+    AdamR,
+    AdamW_BK,
+    AdaNKFAC,
+    AFOpt,
+    FAdam,
+    Shampoo,
+)
 
 CNN = dict(make=tiny_net, data=batches)
 SEQ = dict(make=TinyTransformer, data=seq_batches)
@@ -35,6 +47,9 @@ CASES = [
                                   precondition_convs=True), id='FAdam'),
     pytest.param(AFOpt, SEQ, dict(HP, inv_interval=2, lr=0.05), id='AFOpt'),
     pytest.param(Ada_AFOpt, SEQ, dict(HP, inv_interval=2, lr=1e-2), id='Ada_AFOpt'),
+    pytest.param(SGDM_BK, CNN, dict(HP, inv_interval=2, lr=0.05), id='SGDM_BK'),
+    pytest.param(AdamW_BK, CNN, dict(HP, inv_interval=2, lr=1e-3), id='AdamW_BK'),
+    pytest.param(Shampoo, CNN, dict(HP, inv_interval=2, lr=0.05), id='Shampoo'),
 ]
 
 

@@ -15,7 +15,19 @@ from test_nkfac import batches, run, tiny_net
 
 from mmprecond.linalg import damp, exact_inverse, lanczos_lmax
 from mmprecond.logging import FallbackLog
-from mmprecond.optim import FSGD, KFAC, NKFAC, Ada_AFOpt, AdamR, AdaNKFAC, AFOpt, FAdam
+from mmprecond.optim import (
+    FSGD,
+    KFAC,
+    NKFAC,
+    SGDM_BK,
+    Ada_AFOpt,
+    AdamR,
+    AdamW_BK,
+    AdaNKFAC,
+    AFOpt,
+    FAdam,
+    Shampoo,
+)
 
 CASES = [
     (KFAC, tiny_net, batches, dict(lr=0.05)),
@@ -25,7 +37,11 @@ CASES = [
     (FAdam, tiny_net, batches, dict(lr=1e-3, precondition_convs=True)),
     (AFOpt, TinyTransformer, seq_batches, dict(lr=0.05)),
     (Ada_AFOpt, TinyTransformer, seq_batches, dict(lr=1e-2)),
+    (SGDM_BK, tiny_net, batches, dict(lr=0.05)),
+    (AdamW_BK, tiny_net, batches, dict(lr=1e-3)),
+    (Shampoo, tiny_net, batches, dict(lr=0.05)),
 ]
+ROOTS = [SGDM_BK, AdamW_BK, Shampoo]
 
 
 def tensor_bytes(layers):
@@ -73,7 +89,7 @@ def test_resume_at_a_refresh_step_is_bit_identical(cls, make, data_fn, kw):
                         for k, v in st.items() if k.endswith('_inv'))
     assert tensor_bytes(light_layers) == tensor_bytes(full_layers) - inverse_bytes
     assert light_size < full_size - inverse_bytes * 0.9
-    if cls in (KFAC, NKFAC, AdaNKFAC):
+    if cls in (KFAC, NKFAC, AdaNKFAC, *ROOTS):
         assert tensor_bytes(light_layers) * 2 == tensor_bytes(full_layers)
 
     # step 6 is a refresh step (6 % 3 == 0; for NKFAC an exact one, <= 2 T)
@@ -115,3 +131,21 @@ def test_adamr_keeps_its_basis():
     run(model, opt, batches(3))
     saved = opt.state_dict()['preconditioner']['layers']
     assert all({'U1', 'U2'} <= set(st) for st in saved.values())
+
+
+@pytest.mark.parametrize('cls', ROOTS)
+def test_roots_missing_after_resume_are_computed_at_once(cls):
+    """Resumed between statistics steps, the inverse roots are recomputed at
+    the first step, not left missing until the next statistics step."""
+    data = batches(8)
+    hp = dict(stat_interval=2, inv_interval=4, lr=1e-3,
+              checkpoint_inverses=False)
+    ckpt, _ = checkpoint_at(cls, tiny_net, data, hp, stop=5)
+    second, opt = resume(cls, tiny_net, hp, ckpt)
+    assert opt.steps == 5 and not opt.is_stat_step(5)
+    run(second, opt, data[5:6])
+    for name, st in opt.layer_state.items():
+        for side in ('L', 'R'):
+            if side in st:
+                assert side + '_inv' in st, (name, side)
+                assert torch.isfinite(st[side + '_inv']).all()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from test_afopt import _log_lines, cnn_batches, run, tiny_cnn
 
-from mmprecond.optim import FSGD, KFAC, NKFAC, AdamR, AdaNKFAC
+from mmprecond.optim import FSGD, KFAC, NKFAC, SGDM_BK, AdamR, AdaNKFAC, Shampoo
 
 SQUARE_KEYS = {'L', 'R', 'L_inv', 'R_inv', 'U1', 'U2'}
 
@@ -18,7 +18,7 @@ def factor_bytes_held(opt):
 
 @pytest.mark.parametrize('cls,kw', [
     (NKFAC, {}), (AdaNKFAC, {}), (KFAC, {}), (AdamR, dict(basis_interval=1)),
-    (FSGD, dict(precondition_convs=True))])
+    (FSGD, dict(precondition_convs=True)), (SGDM_BK, {}), (Shampoo, {})])
 def test_budget_is_enforced_on_the_state_really_held(tmp_path, cls, kw):
     ref = tiny_cnn()
     full = cls(ref.parameters(), model=ref, **kw)
