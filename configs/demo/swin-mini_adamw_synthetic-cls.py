@@ -1,19 +1,16 @@
 # A real mmpretrain Swin Transformer, shrunk to run on a 2-core CPU (3 stages,
 # 32-dim embedding, window 4, 0.57 M parameters), on the synthetic shapes
 # classification set (64x64 images, 5 classes), trained from scratch with
-# AdamW.  It is the small Swin of docs/benchmarks.md, where the attention-
-# aware optimizers (FSGD / FAdam / AFOpt / Ada_AFOpt) are compared:
+# AdamW; data, schedule and hooks are those of the ResNet-18 demo.  It is the
+# small Swin of docs/benchmarks.md, where the attention-aware optimizers
+# (FSGD / FAdam / AFOpt / Ada_AFOpt) are compared:
 #   python -m mmprecond.datasets.synthetic cls --out data/synthetic_cls
 #   python tools/train.py configs/demo/swin-mini_adamw_synthetic-cls.py
-_base_ = [
-    '../_base_/datasets/synthetic_cls.py',
-    'mmpretrain::_base_/default_runtime.py',
-]
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
-default_scope = 'mmpretrain'
+_base_ = './resnet18-tiny_adamw_synthetic-cls.py'
 
 embed_dims = 32
 model = dict(
+    _delete_=True,
     type='ImageClassifier',
     backbone=dict(
         type='SwinTransformer',
@@ -31,45 +28,12 @@ model = dict(
         loss=dict(type='CrossEntropyLoss', loss_weight=1.0),
         topk=(1, )))
 
-max_epochs = 10
-train_cfg = dict(by_epoch=True, max_epochs=max_epochs, val_interval=5)
-val_cfg = dict()
-test_cfg = dict()
-
-# mmpretrain's Swin recipe: AdamW, no decay on norms, biases and the
-# relative position bias tables
+# mmpretrain's Swin recipe on top of the demo's AdamW: gradient clipping and
+# no decay on the position embeddings / relative position bias tables
 optim_wrapper = dict(
-    optimizer=dict(type='AdamW', lr=2e-3, weight_decay=0.05),
     clip_grad=dict(max_norm=5.0),
     paramwise_cfg=dict(
-        norm_decay_mult=0.0,
-        bias_decay_mult=0.0,
         custom_keys={
             '.absolute_pos_embed': dict(decay_mult=0.0),
             '.relative_position_bias_table': dict(decay_mult=0.0)
         }))
-param_scheduler = [
-    dict(
-        type='LinearLR',
-        start_factor=0.01,
-        by_epoch=True,
-        begin=0,
-        end=1,
-        convert_to_iter_based=True),
-    dict(
-        type='CosineAnnealingLR',
-        by_epoch=True,
-        begin=1,
-        end=max_epochs,
-        eta_min=2e-5,
-        convert_to_iter_based=True),
-]
-# total batch size the learning rate above was tuned for (1 process x 32)
-auto_scale_lr = dict(base_batch_size=32)
-
-default_hooks = dict(
-    logger=dict(interval=10),
-    checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
-# time per phase and optimizer-state memory in the log
-custom_hooks = [dict(type='PrecondStatsHook', interval=10)]
-randomness = dict(seed=0)
