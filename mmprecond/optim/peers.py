@@ -84,9 +84,11 @@ class PeerSINGD(Optimizer):
         * Its checkpoints hold singd's structured-matrix objects, which
           ``torch.load(weights_only=True)`` (mmprecond's loader) refuses, so
           a run with PeerSINGD cannot be resumed from a file.
-        * DDP: singd refuses a DDP-wrapped model; the optim-wrapper
-          constructor passes the unwrapped model, but singd does not reduce
-          its statistics across ranks.
+        * DDP: singd refuses a DDP-wrapped model, so the optim-wrapper
+          constructor passes the unwrapped one; singd then averages its
+          statistics and natural gradients over ranks itself when
+          ``torch.distributed`` is initialised (on top of DDP's gradient
+          average).  mmprecond does not test PeerSINGD under DDP.
 
     Args:
         params (Iterable): Parameters or parameter groups.
