@@ -15,7 +15,8 @@ too) and writes, into ``--out-dir``:
   statistics, refresh, precondition and the base step;
 * ``state_memory.png``: optimizer-state memory;
 * ``results.md``: mean ± std over seeds, iterations and seconds to reach
-  the reference optimizer's final loss, time per iteration relative to it;
+  the reference optimizer's final loss (losses are means over the last 10 %
+  of the iterations, ``--loss-window``), time per iteration relative to it;
   ``summary.json``: every run's numbers.
 
 An optimizer setting is one of::
@@ -278,13 +279,45 @@ def metric_key(scalars: Scalars, wanted: Optional[str]) -> Optional[str]:
     return next((k for k in METRIC_KEYS if k in scalars), None)
 
 
-def summarise_run(scalars: Scalars, metric: Optional[str]) -> Dict[str, Any]:
-    """The numbers of one run, all read from its ``scalars.json``."""
+def trailing_mean(curve: Sequence[Tuple[float, float]], end: float,
+                  window: float) -> Optional[float]:
+    """Mean training loss over the iterations ``(end - window, end]``.
+
+    ``curve`` holds ``(iteration, mean loss of the iterations since the
+    previous entry)``, as MMEngine logs it; each entry is weighted by the
+    length of its interval inside the window.  ``None`` before a full window
+    has been logged.
+    """
+    if end < window:
+        return None
+    total, weight, last = 0.0, 0.0, 0.0
+    for step, value in curve:
+        if step > end:
+            break
+        overlap = step - max(last, end - window)
+        if overlap > 0:
+            total += value * overlap
+            weight += overlap
+        last = step
+    return total / weight if weight else None
+
+
+def summarise_run(scalars: Scalars, metric: Optional[str],
+                  loss_window: float = 0.1) -> Dict[str, Any]:
+    """The numbers of one run, all read from its ``scalars.json``.
+
+    ``final_loss`` is the mean training loss over the last ``loss_window``
+    of the run's iterations (at least one logging interval): a single
+    logged value of a detector's loss is too noisy to rank optimizers by.
+    """
     loss = series(scalars, 'loss')
     clock = elapsed_seconds(scalars)
     last_step = loss[-1][0] if loss else 0
+    first_interval = loss[0][0] if loss else 0
+    window = max(first_interval, round(loss_window * last_step))
     out = dict(
-        final_loss=loss[-1][1] if loss else None,
+        final_loss=trailing_mean(loss, last_step, window) if loss else None,
+        loss_window=window,
         iters=last_step,
         seconds=clock.get(last_step),
         s_per_iter=clock[last_step] / last_step if last_step in clock else None,
@@ -303,9 +336,11 @@ def summarise_run(scalars: Scalars, metric: Optional[str]) -> Dict[str, Any]:
 
 def reach(run: Dict[str, Any], target: float) -> Tuple[Optional[int],
                                                         Optional[float]]:
-    """First logged iteration (and its seconds) with loss <= ``target``."""
-    for step, value in run['loss_curve']:
-        if value <= target:
+    """First logged iteration (and its seconds) whose trailing mean loss,
+    over the same window as ``final_loss``, is at or below ``target``."""
+    for step, _ in run['loss_curve']:
+        value = trailing_mean(run['loss_curve'], step, run['loss_window'])
+        if value is not None and value <= target:
             return step, run['clock'].get(step)
     return None, None
 
@@ -329,9 +364,10 @@ def fmt(stat: Optional[Tuple[float, float, int]], digits: int,
 
 
 def summarise(runs: Dict[Tuple[str, int], str], names: List[str],
-              reference: str, metric: Optional[str]) -> Dict[str, Any]:
+              reference: str, metric: Optional[str],
+              loss_window: float = 0.1) -> Dict[str, Any]:
     """Per-run numbers and their mean ± std per setting."""
-    per_run = {key: summarise_run(load_scalars(run_dir), metric)
+    per_run = {key: summarise_run(load_scalars(run_dir), metric, loss_window)
                for key, run_dir in runs.items()
                if osp.isfile(osp.join(run_dir, 'done.json'))}
     ref_runs = [r for (n, _), r in per_run.items() if n == reference]
@@ -355,8 +391,10 @@ def summarise(runs: Dict[Tuple[str, int], str], names: List[str],
         t = table[name]['s_per_iter']
         table[name]['time_vs_ref'] = (t[0] / ref_time[0]
                                       if t and ref_time else None)
+    windows = sorted({r['loss_window'] for r in per_run.values()})
     return dict(per_run=per_run, table=table, reference=reference,
-                reference_final_loss=ref_loss[0] if ref_loss else None)
+                reference_final_loss=ref_loss[0] if ref_loss else None,
+                loss_windows=windows)
 
 
 def markdown(summary: Dict[str, Any], metric: str) -> str:
@@ -388,6 +426,16 @@ def markdown(summary: Dict[str, Any], metric: str) -> str:
         lines.append(f'| {name} | ' + ' | '.join(
             fmt(row['phases'][p], 4, n) if row['phases'][p] else '—'
             for p in PHASES) + ' |')
+    windows = '/'.join(str(w) for w in summary.get('loss_windows', []))
+    if windows:
+        lines += [
+            '',
+            f'*final loss*: mean training loss over the last {windows} '
+            f'iterations; *iterations / seconds to {ref} final loss*: first '
+            f'logged iteration whose mean loss over the preceding {windows} '
+            f'iterations is at or below {ref}\'s mean final loss '
+            '(`(k/n)`: only k of n seeds got there).'
+        ]
     return '\n'.join(lines) + '\n'
 
 
@@ -511,6 +559,10 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser.add_argument('--report-only', action='store_true',
                         help='train nothing: plot and tabulate the runs '
                         'that are finished')
+    parser.add_argument('--loss-window', type=float, default=0.1,
+                        help='final loss = mean training loss over this '
+                        'fraction of the iterations (at least one logging '
+                        'interval); default 0.1')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='config overrides for every setting')
     return parser.parse_args(argv)
@@ -526,7 +578,9 @@ def main(argv: Optional[list] = None) -> int:
     if reference not in names:
         raise SystemExit(f'--reference {reference!r} is not among {names}')
     runs = run_all(args, settings)
-    summary = summarise(runs, names, reference, args.metric)
+    if not 0 < args.loss_window <= 1:
+        raise SystemExit(f'--loss-window must be in (0, 1]: {args.loss_window}')
+    summary = summarise(runs, names, reference, args.metric, args.loss_window)
     metric = args.metric or next(
         (metric_key(load_scalars(d), None) for d in runs.values()
          if osp.isfile(osp.join(d, 'done.json'))), None) or 'metric'
