@@ -29,7 +29,7 @@ def test_trailing_mean_weights_the_intervals_inside_the_window():
     assert tool.trailing_mean(CURVE, 5, 10) is None  # no full window yet
 
 
-def test_reach_needs_the_window_mean_not_one_dip():
+def test_reach_needs_the_window_mean_to_stay_below():
     clock = {5: 1.0, 10: 2.0, 15: 3.0, 20: 4.0}
     run = dict(loss_curve=CURVE, clock=clock, loss_window=10)
     assert tool.reach(run, 2.5) == (15, 3.0)
@@ -38,3 +38,10 @@ def test_reach_needs_the_window_mean_not_one_dip():
     dip = dict(loss_curve=[(5, 0.5), (10, 3.0), (15, 3.0), (20, 3.0)],
                clock=clock, loss_window=10)
     assert tool.reach(dip, 1.0) == (None, None)
+    # below, above again (a detector's loss does this), then below for good
+    wave = dict(loss_curve=[(5, 1.0), (10, 1.0), (15, 3.0), (20, 3.0),
+                            (25, 1.0), (30, 1.0)],
+                clock={5: 1.0, 10: 2.0, 15: 3.0, 20: 4.0, 25: 5.0, 30: 6.0},
+                loss_window=10)
+    assert tool.trailing_mean(wave['loss_curve'], 10, 10) == 1.0
+    assert tool.reach(wave, 1.0) == (30, 6.0)

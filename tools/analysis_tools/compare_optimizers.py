@@ -336,13 +336,23 @@ def summarise_run(scalars: Scalars, metric: Optional[str],
 
 def reach(run: Dict[str, Any], target: float) -> Tuple[Optional[int],
                                                         Optional[float]]:
-    """First logged iteration (and its seconds) whose trailing mean loss,
-    over the same window as ``final_loss``, is at or below ``target``."""
+    """Iteration (and its seconds) from which the trailing mean loss, over
+    the same window as ``final_loss``, stays at or below ``target``.
+
+    "Stays" matters for detectors, whose total loss is not monotone (the
+    RoI head's loss grows while the RPN starts to find objects): an early
+    dip below the target is not counted.
+    """
+    reached: Tuple[Optional[int], Optional[float]] = (None, None)
     for step, _ in run['loss_curve']:
         value = trailing_mean(run['loss_curve'], step, run['loss_window'])
-        if value is not None and value <= target:
-            return step, run['clock'].get(step)
-    return None, None
+        if value is None:
+            continue
+        if value > target:
+            reached = (None, None)
+        elif reached[0] is None:
+            reached = (step, run['clock'].get(step))
+    return reached
 
 
 def mean_std(values: Sequence[Optional[float]]) -> Optional[Tuple[float, float,
@@ -431,10 +441,10 @@ def markdown(summary: Dict[str, Any], metric: str) -> str:
         lines += [
             '',
             f'*final loss*: mean training loss over the last {windows} '
-            f'iterations; *iterations / seconds to {ref} final loss*: first '
-            f'logged iteration whose mean loss over the preceding {windows} '
-            f'iterations is at or below {ref}\'s mean final loss '
-            '(`(k/n)`: only k of n seeds got there).'
+            f'iterations; *iterations / seconds to {ref} final loss*: the '
+            f'logged iteration from which the mean loss over the preceding '
+            f'{windows} iterations stays at or below {ref}\'s mean final '
+            'loss (`(k/n)`: only k of n seeds got there).'
         ]
     return '\n'.join(lines) + '\n'
 
