@@ -7,7 +7,8 @@
 #
 #   bash benchmarks/compare_related.sh
 #
-# CLS_EPOCHS / SEEDS / WORK override the budget.
+# CLS_EPOCHS / SEEDS / WORK override the budget; REPORT_ONLY=1 tabulates and
+# plots the finished runs without training.
 set -eo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -15,6 +16,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 WORK=${WORK:-work_dirs/compare_related}
 SEEDS=${SEEDS:-0 1 2}
 CLS_EPOCHS=${CLS_EPOCHS:-4}
+EXTRA=()
+[[ -n ${REPORT_ONLY:-} ]] && EXTRA+=(--report-only)
 
 O=optim_wrapper.optimizer
 PRE="optim_wrapper.constructor=PrecondOptimWrapperConstructor"
@@ -32,6 +35,6 @@ SETTINGS=(
 )
 $PYTHON tools/analysis_tools/compare_optimizers.py \
   configs/demo/resnet18-tiny_adamw_synthetic-cls.py \
-  --optimizers "${SETTINGS[@]}" --seeds $SEEDS --max-epochs "$CLS_EPOCHS" \
+  --optimizers "${SETTINGS[@]}" --seeds $SEEDS "${EXTRA[@]}" --max-epochs "$CLS_EPOCHS" \
   --log-interval 4 --work-dir "$WORK/cls" --out-dir docs/benchmarks/related \
   --cfg-options train_dataloader.num_workers=1 val_dataloader.num_workers=1
