@@ -19,7 +19,7 @@ WORK=${WORK:-work_dirs/compare_demos}
 SEEDS=${SEEDS:-0 1 2}
 DET_ITERS=${DET_ITERS:-300}
 CLS_EPOCHS=${CLS_EPOCHS:-10}
-SWIN_EPOCHS=${SWIN_EPOCHS:-10}
+SWIN_EPOCHS=${SWIN_EPOCHS:-20}
 WHAT=${1:-all}
 # REPORT_ONLY=1: tabulate and plot the finished runs, train nothing (after
 # running seed groups in parallel, e.g. SEEDS="0 1" and SEEDS=2 at once)
