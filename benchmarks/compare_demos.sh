@@ -82,20 +82,23 @@ if [[ $WHAT == det || $WHAT == all ]]; then
     --log-interval 5 --data-root data/synthetic_coco_val40 --num-val 40 \
     --work-dir "$WORK/det" --out-dir docs/benchmarks/det --cfg-options $LOADERS
 fi
-if [[ $WHAT == cls || $WHAT == all ]]; then
-  # 32 iterations per epoch: statistics every 4, refreshes every 20
-  mapfile -t CLS < <(settings "$O.lr=0.05;$O.momentum=0.9;$O.weight_decay=1e-4" 4 20)
-  $PYTHON tools/analysis_tools/compare_optimizers.py \
-    configs/demo/resnet18-tiny_adamw_synthetic-cls.py \
-    --optimizers "${CLS[@]}" --seeds $SEEDS "${EXTRA[@]}" --max-epochs "$CLS_EPOCHS" \
-    --log-interval 4 --work-dir "$WORK/cls" --out-dir docs/benchmarks/cls \
+# $1: config, $2: epochs, $3: name (work dir, docs/benchmarks/<name>),
+# $4...: the settings; 32 iterations per epoch
+classifier() {
+  local config=$1 epochs=$2 name=$3
+  shift 3
+  $PYTHON tools/analysis_tools/compare_optimizers.py "$config" \
+    --optimizers "$@" --seeds $SEEDS "${EXTRA[@]}" --max-epochs "$epochs" \
+    --log-interval 4 --work-dir "$WORK/$name" --out-dir "docs/benchmarks/$name" \
     --cfg-options $LOADERS
+}
+# classifiers: statistics every 4 iterations, refreshes every 20
+SGD_CLS="$O.lr=0.05;$O.momentum=0.9;$O.weight_decay=1e-4"
+if [[ $WHAT == cls || $WHAT == all ]]; then
+  mapfile -t CLS < <(settings "$SGD_CLS" 4 20)
+  classifier configs/demo/resnet18-tiny_adamw_synthetic-cls.py "$CLS_EPOCHS" cls "${CLS[@]}"
 fi
 if [[ $WHAT == swin || $WHAT == all ]]; then
-  mapfile -t SWIN < <(afopt_settings "$O.lr=0.05;$O.momentum=0.9;$O.weight_decay=1e-4" 4 20)
-  $PYTHON tools/analysis_tools/compare_optimizers.py \
-    configs/demo/swin-mini_adamw_synthetic-cls.py \
-    --optimizers "${SWIN[@]}" --seeds $SEEDS "${EXTRA[@]}" --max-epochs "$SWIN_EPOCHS" \
-    --log-interval 4 --work-dir "$WORK/swin" --out-dir docs/benchmarks/swin \
-    --cfg-options $LOADERS
+  mapfile -t SWIN < <(afopt_settings "$SGD_CLS" 4 20)
+  classifier configs/demo/swin-mini_adamw_synthetic-cls.py "$SWIN_EPOCHS" swin "${SWIN[@]}"
 fi
