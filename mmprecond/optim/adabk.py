@@ -12,7 +12,6 @@ from mmengine.registry import OPTIMIZERS
 
 from ..inverse_root import inverse_roots
 from .base import check_positive
-from .checks import check_budget
 from .defaults import adamw_defaults, sgdm_defaults
 from .nkfac import DEFAULT_MAX_FACTOR_DIM, _KroneckerInverse
 
@@ -49,9 +48,9 @@ class _KroneckerRoot(_KroneckerInverse):
                  factor_memory_budget_mb: Optional[float] = None,
                  checkpoint_inverses: bool = True) -> None:
         check_positive('damping', damping)
-        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
-        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
-        self.checkpoint_inverses = bool(checkpoint_inverses)
+        self.set_reliability_options(skip_nonfinite_steps,
+                                     factor_memory_budget_mb,
+                                     checkpoint_inverses)
         if int(ns_iters) < 1:
             raise ValueError(f'Invalid ns_iters: {ns_iters} (>= 1)')
         super().__init__(params, defaults, model, base, stat_interval,
@@ -63,6 +62,8 @@ class _KroneckerRoot(_KroneckerInverse):
                          shard_inverses=False)
         self.relative_damping = bool(relative_damping)
         self.ns_iters = int(ns_iters)
+        #: set by :meth:`load_state_dict`: compute missing roots at once
+        self._roots_after_load = False
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a checkpoint; roots it lacks (``checkpoint_inverses=False``)
@@ -74,8 +75,7 @@ class _KroneckerRoot(_KroneckerInverse):
         periodic = step % self.inv_interval == 0
         # a missing root (never computed, or its computation failed) is
         # retried when new statistics arrive; right after loading, at once
-        retry = (self.is_stat_step(step)
-                 or getattr(self, '_roots_after_load', False))
+        retry = self.is_stat_step(step) or self._roots_after_load
         self._roots_after_load = False
         due: List[Tuple[dict, str]] = []
         for name, module in self.layers.items():

@@ -20,7 +20,7 @@ from ..curvature.factors import BatchStatistics
 from ..distributed import Chunk, run_batched
 from ..linalg import EIGH_FAILED, batch_limit, eigh_batch, record_flags
 from .base import PrecondOptimizer, adamw_update, check_positive
-from .checks import check_budget, check_interval, warn_unaligned_interval
+from .checks import check_interval, warn_unaligned_interval
 from .defaults import adamw_defaults
 
 #: Default ``max_factor_dim``, the same bound as NKFAC's: every factor of a
@@ -372,8 +372,8 @@ class AdamR(PrecondOptimizer):
                  shard_basis: bool = True,
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None) -> None:
-        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
-        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.set_reliability_options(skip_nonfinite_steps,
+                                     factor_memory_budget_mb)
         defaults = adamw_defaults(lr, betas, eps, weight_decay)
         check_positive('eps_basis', eps_basis, allow_zero=True)
         check_interval('basis_interval', basis_interval)

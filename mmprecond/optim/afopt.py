@@ -35,7 +35,6 @@ from ..curvature.attention import (
 from ..curvature.capture import input_rows_gram
 from ..curvature.factors import BatchStatistics
 from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
-from .checks import check_budget
 from .defaults import adamw_defaults, sgdm_defaults
 from .fsgd import DEFAULT_MAX_FACTOR_DIM, FeatureDescent
 
@@ -546,9 +545,9 @@ class AFOpt(AttentionFeatureDescent):
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None,
                  checkpoint_inverses: bool = True) -> None:
-        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
-        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
-        self.checkpoint_inverses = bool(checkpoint_inverses)
+        self.set_reliability_options(skip_nonfinite_steps,
+                                     factor_memory_budget_mb,
+                                     checkpoint_inverses)
         super().__init__(params, sgdm_defaults(lr, momentum, weight_decay, nesterov),
                          model, 'sgdm', stat_interval, inv_interval, damping,
                          damping_floor, stat_decay, grad_norm_recovery,
@@ -612,9 +611,9 @@ class Ada_AFOpt(AttentionFeatureDescent):  # noqa: N801 (the thesis' name)
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None,
                  checkpoint_inverses: bool = True) -> None:
-        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
-        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
-        self.checkpoint_inverses = bool(checkpoint_inverses)
+        self.set_reliability_options(skip_nonfinite_steps,
+                                     factor_memory_budget_mb,
+                                     checkpoint_inverses)
         super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay),
                          model, 'adamw', stat_interval, inv_interval, damping,
                          damping_floor, stat_decay, grad_norm_recovery,

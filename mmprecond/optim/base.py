@@ -57,7 +57,7 @@ from ..curvature.factors import (
 )
 from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
 from ..logging import FallbackLog
-from .checks import check_interval
+from .checks import check_budget, check_interval
 
 MISSING_MODEL_MSG = (
     '{name} preconditions layers and needs the model to hook them, but no '
@@ -313,6 +313,18 @@ class PrecondOptimizer(Optimizer):
                 'without preconditioning:\n  ' + '\n  '.join(excluded))
         self.fallbacks.counts['excluded_layers'] = len(excluded)
         return chosen
+
+    def set_reliability_options(self, skip_nonfinite_steps: bool,
+                                factor_memory_budget_mb: Optional[float],
+                                checkpoint_inverses: bool = True) -> None:
+        """Check and store the public optimizers' reliability keywords.
+
+        Called by their ``__init__`` before this class initialises, since
+        building the layer list applies the memory budget.
+        """
+        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
+        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.checkpoint_inverses = bool(checkpoint_inverses)
 
     def factor_bytes(self, module: nn.Module) -> int:
         """Estimated preconditioner memory of one layer, in bytes.

@@ -26,7 +26,7 @@ from ..linalg import (
 )
 from ..logging import FallbackLog
 from .base import PrecondOptimizer, check_positive, check_unit_interval
-from .checks import check_budget, check_damping, check_interval, warn_unaligned_interval
+from .checks import check_damping, check_interval, warn_unaligned_interval
 from .defaults import adamw_defaults, sgdm_defaults
 
 #: Default ``max_factor_dim``: a layer whose input factor (``C_in`` plus the
@@ -319,9 +319,9 @@ class FSGD(FeatureDescent):
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None,
                  checkpoint_inverses: bool = True) -> None:
-        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
-        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
-        self.checkpoint_inverses = bool(checkpoint_inverses)
+        self.set_reliability_options(skip_nonfinite_steps,
+                                     factor_memory_budget_mb,
+                                     checkpoint_inverses)
         defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
         super().__init__(params, defaults, model, 'sgdm', stat_interval,
                          inv_interval, damping, damping_floor, stat_decay,
@@ -380,9 +380,9 @@ class FAdam(FeatureDescent):
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None,
                  checkpoint_inverses: bool = True) -> None:
-        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
-        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
-        self.checkpoint_inverses = bool(checkpoint_inverses)
+        self.set_reliability_options(skip_nonfinite_steps,
+                                     factor_memory_budget_mb,
+                                     checkpoint_inverses)
         defaults = adamw_defaults(lr, betas, eps, weight_decay)
         super().__init__(params, defaults, model, 'adamw', stat_interval,
                          inv_interval, damping, damping_floor, stat_decay,

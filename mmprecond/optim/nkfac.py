@@ -19,7 +19,6 @@ from ..distributed import Chunk, run_batched
 from ..linalg import INVERSE_FAILED, batch_limit, record_flags, refresh_inverse
 from .base import PrecondOptimizer, check_positive, check_unit_interval
 from .checks import (
-    check_budget,
     check_damping,
     check_interval,
     reject_keywords,
@@ -373,9 +372,9 @@ class NKFAC(_KroneckerInverse):
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None,
                  checkpoint_inverses: bool = True) -> None:
-        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
-        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
-        self.checkpoint_inverses = bool(checkpoint_inverses)
+        self.set_reliability_options(skip_nonfinite_steps,
+                                     factor_memory_budget_mb,
+                                     checkpoint_inverses)
         defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
         super().__init__(params, defaults, model, 'sgdm', stat_interval,
                          inv_interval, exact_inv_period, newton_steps, damping,
@@ -476,9 +475,9 @@ class AdaNKFAC(_KroneckerInverse):
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None,
                  checkpoint_inverses: bool = True) -> None:
-        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
-        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
-        self.checkpoint_inverses = bool(checkpoint_inverses)
+        self.set_reliability_options(skip_nonfinite_steps,
+                                     factor_memory_budget_mb,
+                                     checkpoint_inverses)
         defaults = adamw_defaults(lr, betas, eps, weight_decay)
         super().__init__(params, defaults, model, 'adamw', stat_interval,
                          inv_interval, exact_inv_period, newton_steps, damping,
