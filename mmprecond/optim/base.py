@@ -428,7 +428,9 @@ class PrecondOptimizer(Optimizer):
         """The AMP loss scale: the scaler's device tensor, never read here.
 
         ``GradScaler.get_scale()`` would read it with ``.item()`` (a sync);
-        its tensor is used directly when the scaler exposes it.
+        its tensor is used directly when the scaler exposes it.  The tensor
+        returned is the scaler's own storage: callers must treat it as
+        read-only (an in-place op here changes the scaler's scale).
         """
         scaler = self.grad_scaler
         if scaler is None or not getattr(scaler, 'is_enabled', lambda: True)():
@@ -468,7 +470,9 @@ class PrecondOptimizer(Optimizer):
                 # gradients are ``world`` times their share of the averaged
                 # gradient: the summed Delta^T Delta is divided by world^2 to
                 # equal one process's statistic on the concatenated batch.
-                scale *= world
+                # Out of place: ``scale`` may be the GradScaler's own
+                # tensor, which an in-place product would corrupt.
+                scale = scale * world
             else:
                 # Every rank forms the factors that any rank has statistics
                 # for; a rank where the layer did not run folds a zero
