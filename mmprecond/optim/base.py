@@ -796,11 +796,30 @@ class PrecondOptimizer(Optimizer):
         """
         return key.endswith('_inv')
 
+    def _step_counters_on_host(self) -> None:
+        """Put each parameter's ``step`` counter where torch's AdamW keeps it.
+
+        MMEngine resumes with ``map_location`` set to the GPU, and
+        ``torch.optim.Optimizer.load_state_dict`` leaves ``step`` where the
+        checkpoint put it; torch's (non-capturable, non-fused) foreach AdamW
+        then reads a device counter with ``.item()`` for every parameter at
+        every step.  The base updates here are never capturable, so every
+        counter becomes the 0-dim CPU float32 tensor that ``torch.optim.AdamW``
+        creates itself (one read per counter, at load time only).
+        """
+        for st in self.state.values():
+            step = st.get('step')
+            if isinstance(step, Tensor) and (step.device.type != 'cpu'
+                                             or step.dtype != torch.float32
+                                             or step.dim() != 0):
+                st['step'] = step.detach().to('cpu', torch.float32).reshape(())
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load state saved by :meth:`state_dict` (device-agnostic)."""
         state_dict = dict(state_dict)
         pre = state_dict.pop('preconditioner', None)
         super().load_state_dict(state_dict)
+        self._step_counters_on_host()
         if pre is None:
             self.fallbacks.record(
                 'missing_preconditioner_state',
