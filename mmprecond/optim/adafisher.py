@@ -161,36 +161,59 @@ class AdaFisher(Optimizer):
             self.capture.clear()
         super().zero_grad(set_to_none=set_to_none)
 
-    def _reduced(self) -> Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]]:
-        """Per layer, this iteration's mean ``H_new, S_new`` (rank-averaged)."""
+    def _reduced(self) -> Dict[str, Tuple[Optional[Tensor], Optional[Tensor],
+                                          Optional[Tensor]]]:
+        """Per layer, this iteration's mean ``H_new, S_new`` (rank-averaged).
+
+        Returns ``(h, s, has)`` per layer.  With one process the row counts
+        are host ints: a layer without rows gets ``h`` or ``s`` ``None`` and
+        ``has`` is ``None``.  Under torch.distributed every rank reduces every
+        layer (zeros where it saw no rows) and all row counts travel as one
+        int64 vector in the same all-reduce, so nothing is read back: ``h``,
+        ``s`` are always tensors and ``has`` is the device flag "some rank
+        had rows on both sides".  Counts are exact up to ``2**63``.
+        """
         buffers = self.capture.buffers
         world = world_size()
-        if world > 1:
-            tensors: List[Tensor] = []
-            for name, module in self.layers.items():
-                buf = buffers[name]
-                dev = module.weight.device
-                h_len, s_len = self._lengths(module)
-                if buf.h is None:
-                    buf.h = torch.zeros(h_len, device=dev)
-                if buf.s is None:
-                    buf.s = torch.zeros(s_len, device=dev)
-                buf.counts = torch.tensor([buf.h_rows, buf.s_rows], device=dev,
-                                          dtype=torch.float32)
-                tensors += [buf.h, buf.s, buf.counts]
-            all_reduce_sum_(tensors)
+        out: Dict[str, Tuple[Optional[Tensor], Optional[Tensor],
+                             Optional[Tensor]]] = {}
+        if world == 1:
             for name in self.layers:
                 buf = buffers[name]
-                # DDP averages gradients: each rank's output gradient is
-                # world x its share, hence / world^2 (as the Kronecker base)
-                buf.s.div_(world * world)
-                buf.h_rows, buf.s_rows = (int(v) for v in buf.counts.tolist())
-        out = {}
-        for name in self.layers:
+                h = buf.h / buf.h_rows if buf.h is not None and buf.h_rows else None
+                s = buf.s / buf.s_rows if buf.s is not None and buf.s_rows else None
+                out[name] = (h, s, None)
+            return out
+        if not self.layers:
+            return out
+        tensors: List[Tensor] = []
+        rows: List[int] = []
+        for name, module in self.layers.items():
             buf = buffers[name]
-            h = buf.h / buf.h_rows if buf.h is not None and buf.h_rows else None
-            s = buf.s / buf.s_rows if buf.s is not None and buf.s_rows else None
-            out[name] = (h, s)
+            dev = module.weight.device
+            h_len, s_len = self._lengths(module)
+            if buf.h is None:
+                buf.h = torch.zeros(h_len, device=dev)
+            if buf.s is None:
+                buf.s = torch.zeros(s_len, device=dev)
+            tensors += [buf.h, buf.s]
+            rows += [buf.h_rows, buf.s_rows]
+        dev = tensors[0].device
+        # host -> device without a sync: pinned on CUDA, copied asynchronously
+        counts = torch.tensor(rows, dtype=torch.int64)
+        if dev.type == 'cuda':
+            counts = counts.pin_memory()
+        counts = counts.to(dev, non_blocking=True)
+        all_reduce_sum_(tensors + [counts])
+        # DDP averages gradients: each rank's output gradient is world x its
+        # share, hence / world^2 (as the Kronecker base)
+        torch._foreach_div_(tensors[1::2], float(world * world))
+        has = (counts > 0).view(-1, 2).all(1).unbind()
+        denom = counts.clamp(min=1).double().unbind()
+        for i, name in enumerate(self.layers):
+            buf = buffers[name]
+            out[name] = ((buf.h.double() / denom[2 * i]).float(),
+                         (buf.s.double() / denom[2 * i + 1]).float(), has[i])
         return out
 
     @staticmethod
@@ -200,27 +223,50 @@ class AdaFisher(Optimizer):
         d_in = module.weight[0].numel() + (module.bias is not None)
         return d_in, module.weight.shape[0]
 
-    def _fold(self, old: Optional[Tensor], new: Tensor) -> Tensor:
+    def _fold(self, old: Optional[Tensor], new: Tensor,
+              seen: Optional[Tensor] = None,
+              has: Optional[Tensor] = None) -> Tensor:
+        """Fold ``new`` into the running diagonal ``old`` (``None``: none yet).
+
+        Under torch.distributed (``has`` given) a layer's running diagonal
+        exists from its first statistics step on every rank; ``seen`` (a
+        device flag) says whether it holds a statistic yet, and ``has``
+        whether ``new`` has rows at all.  An unseen diagonal holds ones, the
+        value the rules start from, so the result equals the host-side rule.
+        """
         finite = torch.isfinite(new).all()
+        if has is not None:
+            finite = finite & has
         new = torch.where(finite, new, torch.zeros_like(new))
         if self.statistics == 'code':
             prev = torch.ones_like(new) if old is None else old
             cand = prev * (0.1 * self.gamma) + min_max(new) * (0.01 * self.gamma)
-        else:
-            if old is None:
-                return torch.where(finite, new, torch.ones_like(new))
-            prev = old
-            cand = new * self.gamma + prev * (1 - self.gamma)
-        return torch.where(finite, cand, prev)
+            return torch.where(finite, cand, prev)
+        first = torch.where(finite, new, torch.ones_like(new))
+        if old is None:
+            return first
+        later = torch.where(finite, new * self.gamma + old * (1 - self.gamma), old)
+        return later if seen is None else torch.where(seen, later, first)
 
     def update_statistics(self) -> None:
         """Fold this iteration's diagonals into ``H, S`` and rebuild ``F``."""
-        for name, (h, s) in self._reduced().items():
+        for name, (h, s, has) in self._reduced().items():
             if h is None or s is None:
                 continue
             st = self.layer_state.setdefault(name, {})
-            st['H'] = self._fold(st.get('H'), h)
-            st['S'] = self._fold(st.get('S'), s)
+            seen = None
+            if has is not None:  # distributed: flags on the device
+                seen = st.get('seen')
+                if seen is None:
+                    seen = (torch.ones((), dtype=torch.bool, device=h.device)
+                            if 'H' in st else torch.zeros(
+                                (), dtype=torch.bool, device=h.device))
+                    if 'H' not in st:
+                        st['H'], st['S'] = torch.ones_like(h), torch.ones_like(s)
+            st['H'] = self._fold(st.get('H'), h, seen, has)
+            st['S'] = self._fold(st.get('S'), s, seen, has)
+            if seen is not None:
+                st['seen'] = seen | has
             self._build_fisher(name)
 
     def _build_fisher(self, name: str) -> None:
@@ -229,16 +275,24 @@ class AdaFisher(Optimizer):
         if self.statistics == 'paper':
             h, s = min_max(h), min_max(s)
         lam = self.damping
+        seen = st.get('seen')
+
+        def store(p: Tensor, f: Tensor) -> None:
+            # a layer no rank has seen yet takes the plain update: F = 1
+            if seen is not None:
+                f = torch.where(seen, f, torch.ones_like(f))
+            self._fisher[p] = f.reshape(p.shape)
+
         if isinstance(module, NORM_TYPES):
-            self._fisher[module.weight] = (s * h + lam).view_as(module.weight)
+            store(module.weight, s * h + lam)
             if module.bias is not None:
-                self._fisher[module.bias] = (s + lam).view_as(module.bias)
+                store(module.bias, s + lam)
             return
         f = torch.outer(s, h) + lam
         if module.bias is not None:
-            self._fisher[module.bias] = f[:, -1].reshape(module.bias.shape)
+            store(module.bias, f[:, -1])
             f = f[:, :-1]
-        self._fisher[module.weight] = f.reshape(module.weight.shape)
+        store(module.weight, f)
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()

@@ -1,0 +1,72 @@
+# Copyright (c) mmprecond contributors. All rights reserved.
+"""Record the collectives a block of code issues, by wrapping torch.distributed."""
+import os
+from datetime import timedelta
+from typing import Any, Callable, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+#: The collectives that are wrapped.
+COLLECTIVES = ('all_reduce', 'broadcast', 'all_gather', 'reduce_scatter',
+               'all_gather_into_tensor', 'reduce_scatter_tensor', 'barrier',
+               'all_gather_object', 'broadcast_object_list')
+
+
+class CollectiveLog:
+    """Context manager: ``calls`` gets ``(name, dtype, numel, side_group)``.
+
+    ``side_group`` is ``True`` for a collective on a group other than the
+    default one.  ``int_results`` keeps the reduced value of every int64
+    all-reduce (row counts).
+    """
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[str, Any, int, bool]] = []
+        self.int_results: List[torch.Tensor] = []
+        self._saved: List[Tuple[str, Callable]] = []
+
+    def _wrap(self, name: str, orig: Callable) -> Callable:
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            t = args[0] if args else kwargs.get('tensor')
+            group = kwargs.get('group')
+            side = group is not None and group is not dist.group.WORLD
+            if isinstance(t, torch.Tensor):
+                self.calls.append((name, t.dtype, t.numel(), side))
+            else:
+                self.calls.append((name, None, 0, side))
+            out = orig(*args, **kwargs)
+            if (name == 'all_reduce' and isinstance(t, torch.Tensor)
+                    and t.dtype == torch.int64):
+                self.int_results.append(t.clone())
+            return out
+
+        return wrapped
+
+    def __enter__(self) -> 'CollectiveLog':
+        for name in COLLECTIVES:
+            orig = getattr(dist, name)
+            self._saved.append((name, orig))
+            setattr(dist, name, self._wrap(name, orig))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, orig in self._saved:
+            setattr(dist, name, orig)
+        self._saved = []
+
+
+def join_gloo(rank: int, world: int, port: int, seconds: int = 60) -> None:
+    """Join a gloo group whose collectives time out instead of hanging."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world,
+                            timeout=timedelta(seconds=seconds))
+    torch.set_num_threads(1)
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """``obj`` of every rank (outside any :class:`CollectiveLog`)."""
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
