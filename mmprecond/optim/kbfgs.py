@@ -429,36 +429,96 @@ class KBFGS(PrecondOptimizer):
         if world_size() > 1:
             all_reduce_sum_(tensors)
 
+    def _secant_layers(self, records: Dict[str, SecantRecord]) -> List[str]:
+        """Layers that take part in a curvature update, in a fixed order.
+
+        With one process, those whose pass recorded an output gradient.
+        Under torch.distributed every layer, with zero sums where this rank
+        recorded nothing (a head that got no rows here): every rank then
+        reduces the same tensors, and a layer that no rank saw gets zero
+        rows, hence non-finite means, which the guarded updates reject.
+        """
+        if world_size() > 1:
+            return list(self.layers)
+        return [n for n in self.layers
+                if n in records and records[n].g_sum is not None]
+
+    def _pass_sums(self, names: List[str], records: Dict[str, SecantRecord],
+                   scale: Any, with_a: bool) -> Tuple[List[List[Tensor]], Tensor]:
+        """Per layer ``[h_sum, g_sum / scale(, a_sum)]`` and one count tensor.
+
+        The counts are an ``(n, 2)`` tensor of ``(rows, samples)``, copied
+        to the device once for all layers.  Zeros stand in for a layer this
+        rank recorded nothing for.
+        """
+        sums: List[List[Tensor]] = []
+        counts: List[Tuple[int, int]] = []
+        for name in names:
+            rec = records.get(name)
+            module = self.layers[name]
+            if rec is None or rec.g_sum is None:
+                d_out, d_in = factor_dims(module)
+                dev = module.weight.device
+                vec = [torch.zeros(d_out, device=dev),
+                       torch.zeros(d_out, device=dev)]
+                if with_a:
+                    vec.append(torch.zeros(d_in, device=dev))
+                counts.append((0, 0))
+            else:
+                vec = [rec.h_sum, rec.g_sum / scale]
+                if with_a:
+                    vec.append(rec.a_sum)
+                counts.append((rec.rows, rec.samples))
+            sums.append(vec)
+        dev = sums[0][0].device if sums else torch.device('cpu')
+        return sums, torch.tensor(counts, dtype=torch.float32).view(-1, 2).to(dev)
+
     def _update_h_a(self, records: Dict[str, SecantRecord]) -> None:
         """Hessian-action BFGS for ``H_A`` from the first pass; keeps the
-        first-pass means ``h-bar, Dh-bar`` for :meth:`second_pass`."""
-        scale = self._loss_scale()
+        first-pass means ``h-bar, Dh-bar`` for :meth:`second_pass`.
+
+        Two bucketed all-reduces for all layers together: the sums and row
+        counts, then the Hessian actions ``A~ s_A``, formed with ``s_A``
+        from the all-rank mean patch.
+        """
         self._first = {}
-        names = [n for n in self.layers if n in records
-                 and records[n].g_sum is not None]
-        for name in names:
+        names = self._secant_layers(records)
+        if not names:
+            return
+        # DDP averages gradients over ranks: each rank's output gradients
+        # are ``world`` times their share of the one-process gradient
+        sums, counts = self._pass_sums(names, records,
+                                       self._loss_scale() * world_size(),
+                                       with_a=True)
+        self._reduce([t for vec in sums for t in vec] + [counts])
+        rows, samples = counts.unbind(1)
+        acts: List[Tensor] = []
+        pending = []
+        for i, name in enumerate(names):
+            h_sum, g_sum, a_sum = sums[i]
+            self._first[name] = (h_sum / rows[i], g_sum * (samples[i] / rows[i]))
             st = self._state(name)
-            rec = records[name]
-            lam_a = self._dampings(name)[0]
             h_a = st.get('H_A')
-            vec = [rec.h_sum, rec.g_sum / scale, rec.a_sum,
-                   rec.h_sum.new_tensor([rec.rows, rec.samples])]
-            if h_a is not None:
-                a_bar = rec.a_sum / rec.rows
-                s_a = h_a @ a_bar
-                act = sum(hessian_action(self.layers[name], x, s_a)
-                          for x in rec.inputs)
-                vec += [act]
-            self._reduce(vec)
-            rows, samples = vec[3][0], vec[3][1]
-            self._first[name] = (vec[0] / rows, vec[1] * (samples / rows))
-            if h_a is not None:
-                s_a = h_a @ (vec[2] / rows)
-                y_a = vec[4] / samples + lam_a * s_a
-                new = bfgs_update(h_a, s_a, y_a)
-                ok = torch.isfinite(new).all() & (s_a @ y_a > 0)
-                st['H_A'] = torch.where(ok, new, h_a)
-            rec.inputs.clear()
+            rec = records.get(name)
+            if h_a is None:
+                if rec is not None:
+                    rec.inputs.clear()
+                continue
+            s_a = h_a @ (a_sum / rows[i])
+            inputs = rec.inputs if rec is not None and rec.g_sum is not None else []
+            act = sum((hessian_action(self.layers[name], x, s_a) for x in inputs),
+                      torch.zeros_like(s_a))
+            acts.append(act)
+            pending.append((i, name, st, h_a, s_a))
+            if rec is not None:
+                rec.inputs.clear()
+        self._reduce(acts)
+        for act, (i, name, st, h_a, s_a) in zip(acts, pending):
+            lam_a = self._dampings(name)[0]
+            y_a = act / samples[i] + lam_a * s_a
+            new = bfgs_update(h_a, s_a, y_a)
+            ok = torch.isfinite(new).all() & (s_a @ y_a > 0)
+            st['H_A'] = torch.where(ok, new, h_a)
 
     def second_pass(self, closure: Callable[[], Tensor]) -> None:
         """Second forward/backward on the step's minibatch; updates ``H_G``.
@@ -493,15 +553,15 @@ class KBFGS(PrecondOptimizer):
     def _update_h_g(self, records: Dict[str, SecantRecord]) -> None:
         beta = self.stat_decay
         lbfgs_pairs = []
-        for name, (h0, g0) in self._first.items():
-            rec = records.get(name)
-            if rec is None or rec.g_sum is None:
-                continue
-            vec = [rec.h_sum, rec.g_sum,
-                   rec.h_sum.new_tensor([rec.rows, rec.samples])]
-            self._reduce(vec)
-            rows, samples = vec[2][0], vec[2][1]
-            h1, g1 = vec[0] / rows, vec[1] * (samples / rows)
+        names = [n for n in self._secant_layers(records) if n in self._first]
+        sums, counts = self._pass_sums(names, records, float(world_size()),
+                                       with_a=False)
+        self._reduce([t for vec in sums for t in vec] + [counts])
+        rows, samples = counts.unbind(1)
+        for i, name in enumerate(names):
+            h0, g0 = self._first[name]
+            h1 = sums[i][0] / rows[i]
+            g1 = sums[i][1] * (samples[i] / rows[i])
             st = self._state(name)
             s_g = st['s_G'].mul(beta).add_(h1 - h0, alpha=1 - beta)
             y_g = st['y_G'].mul(beta).add_(g1 - g0, alpha=1 - beta)

@@ -12,7 +12,7 @@ from ddp_recording import CollectiveLog, gather_objects, join_gloo
 from test_distributed import Net, data, free_port, loss_fn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mmprecond.optim import AdaFisher
+from mmprecond.optim import KBFGS, AdaFisher
 from mmprecond.profiling import DispatchCounter, counter_tensors
 
 STEPS = 4
@@ -82,3 +82,70 @@ def test_adafisher_counts_ride_the_device_bucket_without_host_reads(tmp_path):
 
 if __name__ == '__main__':
     pytest.main([__file__, '-q'])
+
+
+def kbfgs_run(model, run_model, opt, batches, rank=None, logs=None):
+    """K-BFGS with a second pass each step; ``rank`` takes its half."""
+    for x, y, keep in batches:
+        n, k = len(x), int(keep.sum())
+        if rank is not None:
+            x, y, keep = x.chunk(2)[rank], y.chunk(2)[rank], keep.chunk(2)[rank]
+        scale = 1 if rank is None else 2
+
+        def closure(x=x, y=y, keep=keep, n=n, k=k, scale=scale):
+            # the unwrapped model: DDP takes no part in the second pass
+            return loss_fn(model, x, y, keep, n, k) * scale
+
+        opt.zero_grad()
+        (loss_fn(run_model, x, y, keep, n, k) * scale).backward()
+        with CollectiveLog() as log:
+            opt.step()
+            opt.second_pass(closure)
+        if logs is not None:
+            logs.append(log.calls)
+
+
+def kbfgs(model):
+    return KBFGS(model.parameters(), model=model, lr=0.05, damping=1.0,
+                 curvature_interval=1)
+
+
+def kbfgs_worker(rank, world, port, path):
+    join_gloo(rank, world, port)
+    model = Net()
+    opt = kbfgs(model)
+    logs = []
+    kbfgs_run(model, DDP(model), opt, data(STEPS), rank, logs)
+    result = dict(logs=logs,
+                  params=torch.cat([p.detach().reshape(-1)
+                                    for p in model.parameters()]),
+                  state={n: {k: v.clone() for k, v in st.items()}
+                         for n, st in opt.layer_state.items()})
+    everyone = gather_objects(result)
+    if rank == 0:
+        torch.save(everyone, path)
+    dist.destroy_process_group()
+
+
+def test_kbfgs_ranks_issue_the_same_collectives_with_an_empty_head(tmp_path):
+    """The head gets zero rows on rank 1 (a Linear called on a 0-row input)."""
+    path = str(tmp_path / 'result.pt')
+    mp.spawn(kbfgs_worker, args=(2, free_port(), path), nprocs=2, join=True)
+    r0, r1 = torch.load(path)
+    assert r0['logs'] == r1['logs'], 'ranks issued different collectives'
+    # first pass: sums + counts, then the Hessian actions; second pass: sums
+    for calls in r0['logs']:
+        assert [name for name, *_ in calls] == ['all_reduce'] * 3, calls
+    assert torch.equal(r0['params'], r1['params'])
+    assert r0['state'].keys() == r1['state'].keys() == {'conv', 'fc', 'head'}
+    model = Net()
+    opt = kbfgs(model)
+    kbfgs_run(model, model, opt, data(STEPS))
+    single = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(r0['params'], single, rtol=1e-4, atol=1e-5)
+    for name, st in opt.layer_state.items():
+        for key, value in st.items():
+            assert torch.equal(r0['state'][name][key], r1['state'][name][key])
+            torch.testing.assert_close(r0['state'][name][key], value,
+                                       rtol=1e-4, atol=1e-5,
+                                       msg=f'{name}.{key}')
