@@ -6,7 +6,7 @@ Deep Neural Networks* (arXiv:2403.02681); Y. Sun, *Designing Effective
 Preconditioned Optimizers for Deep Neural Network Training*, PhD thesis,
 PolyU 2024, chapter 2 (Algorithm 1).
 """
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,9 @@ from torch.optim.sgd import sgd as sgd_functional
 from ..distributed import all_reduce_sum_, world_size
 from ..logging import FallbackLog
 from .base import check_positive, check_unit_interval
+
+#: Raised by a product that did not fit; re-raised, never a reason to disable.
+_OUT_OF_MEMORY = getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)
 
 #: Normalisation layers whose affine weight and bias are channel-wise.
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -63,7 +66,13 @@ class PartialHessian:
 
     A product that cannot be formed (an op on the path is only once
     differentiable and the product has to pass it) leaves that tensor
-    first-order for good; counted under ``'hvp_unavailable'``.
+    first-order for good; counted under ``'hvp_unavailable'``.  Under
+    torch.distributed the ranks agree on it without a host read: a failure
+    flag rides in the product's all-reduce and sets the tensor's entry of
+    the device mask :attr:`failed` on every rank, so every rank keeps
+    joining the same collectives and holds the same state.  An
+    out-of-memory error is re-raised (it says nothing about the graph, and
+    disabling a tensor on one rank alone would make the ranks diverge).
 
     Args:
         params (list[Tensor]): The channel-wise parameters, in a fixed order.
@@ -75,6 +84,10 @@ class PartialHessian:
         self.log = log
         self.steps = 0
         self.disabled: set = set()
+        #: per tensor, whether its product failed on some rank (DDP only)
+        self.failed: Optional[Tensor] = None
+        self._fails_here: set = set()
+        self._local_failure = False
         self._graph_grads: List[Tensor] = []
         self._products: List[Tensor] = []
         self._prepared = False
@@ -102,7 +115,14 @@ class PartialHessian:
                 (h, ) = torch.autograd.grad(grad, p, torch.ones_like(grad),
                                             retain_graph=True, allow_unused=True)
         except RuntimeError as err:
-            self.disabled.add(k)
+            if isinstance(err, _OUT_OF_MEMORY):
+                raise
+            if world_size() > 1:
+                # agreed on in the all-reduce of hessian_row_sums
+                self._fails_here.add(k)
+                self._local_failure = True
+            else:
+                self.disabled.add(k)
             self.log.record(
                 'hvp_unavailable',
                 f'Hessian-vector product of a {tuple(p.shape)} parameter failed '
@@ -121,6 +141,9 @@ class PartialHessian:
         if k < 0 or k in self.disabled:
             return
         self._prepared = True
+        if k in self._fails_here:
+            self._local_failure = True
+            return
         with torch.enable_grad():
             (grad, ) = torch.autograd.grad(loss, self.params[k], create_graph=True,
                                            retain_graph=True, allow_unused=True)
@@ -135,17 +158,28 @@ class PartialHessian:
         self._graph_grads = []
         self._products = []
         self._prepared = False
+        self._local_failure = False
 
-    def hessian_row_sums(self, owner: str) -> Optional[Tensor]:
+    def hessian_row_sums(
+            self, owner: str) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
         """``|H_kk 1|`` of this step's tensor (averaged over ranks first).
 
         Returns ``None`` when the tensor got no gradient this step (or is
-        disabled).  Raises ``RuntimeError`` when no backward kept its graph.
+        disabled), else ``(h, valid)``: ``valid`` is ``None`` with one
+        process and otherwise the device flag "no rank failed to form this
+        tensor's product" (:attr:`failed`).  Raises ``RuntimeError`` when no
+        backward kept its graph.
         """
         k = self.turn()
         if k < 0 or k in self.disabled:
             return None
         p = self.params[k]
+        world = world_size()
+        if world > 1 and not self._prepared and k in self._fails_here:
+            self._local_failure = True
+        if world > 1 and self._local_failure:
+            h = torch.zeros_like(p)
+            return self._agree(k, h)
         if self._prepared:
             if not self._products:
                 # every rank must join the all-reduce below
@@ -164,11 +198,25 @@ class PartialHessian:
                 raise RuntimeError(MISSING_GRAPH_MSG.format(name=owner))
             h = self._product(k, grad)
             if h is None:
-                return None
-        if world_size() > 1:
-            all_reduce_sum_([h])
-            h.div_(world_size())
-        return h.abs_()
+                if world == 1:
+                    return None
+                h = torch.zeros_like(p)
+        if world > 1:
+            return self._agree(k, h)
+        return h.abs_(), None
+
+    def _agree(self, k: int, h: Tensor) -> Tuple[Tensor, Tensor]:
+        """All-reduce ``h`` with this rank's failure flag in one bucket."""
+        p = self.params[k]
+        if self.failed is None:
+            self.failed = torch.zeros(len(self.params), dtype=torch.bool,
+                                      device=p.device)
+        flag = torch.full((1, ), float(self._local_failure), dtype=h.dtype,
+                          device=h.device)
+        all_reduce_sum_([h, flag])
+        h.div_(world_size())
+        self.failed[k] |= flag[0] > 0
+        return h.abs_(), self.failed[k].logical_not()
 
     def remove(self) -> None:
         for h in self._handles:
@@ -297,17 +345,19 @@ class SGD_PH(Optimizer):
                 loss = closure()
         ph = self.partial_hessian
         k = ph.turn()
-        h = ph.hessian_row_sums(type(self).__name__)
+        out = ph.hessian_row_sums(type(self).__name__)
         ph.clear()
+        h, valid = (None, None) if out is None else out
         with torch.no_grad():
             for group in self.param_groups:
                 self._group_step(group, h, ph.params[k] if h is not None else None,
-                                 len(ph.params))
+                                 len(ph.params), valid)
         ph.steps += 1
         return loss
 
     def _group_step(self, group: Dict[str, Any], h: Optional[Tensor],
-                    hp: Optional[Tensor], num_ph: int) -> None:
+                    hp: Optional[Tensor], num_ph: int,
+                    valid: Optional[Tensor] = None) -> None:
         lr, mu, wd = group['lr'], group['momentum'], group['weight_decay']
         plain, plain_grads, plain_bufs = [], [], []
         curv, curv_grads, curv_bufs, curv_diags = [], [], [], []
@@ -321,8 +371,12 @@ class SGD_PH(Optimizer):
                 if 'hessian_diag' not in st:
                     st['hessian_diag'] = torch.zeros_like(p)
                     st['momentum_buffer'] = torch.zeros_like(p)
-                if p is hp:
+                if p is hp and valid is None:
                     st['hessian_diag'].mul_(mu).add_(h, alpha=1 - mu)
+                elif p is hp:  # a tensor whose product failed on a rank
+                    diag = st['hessian_diag']
+                    diag.copy_(torch.where(valid, diag.mul(mu).add_(
+                        h, alpha=1 - mu), diag))
                 curv.append(p)
                 curv_grads.append(p.grad.detach())
                 curv_bufs.append(st['momentum_buffer'])
@@ -351,8 +405,10 @@ class SGD_PH(Optimizer):
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
-        sd['partial_hessian'] = dict(steps=self.partial_hessian.steps,
-                                     disabled=sorted(self.partial_hessian.disabled))
+        ph = self.partial_hessian
+        sd['partial_hessian'] = dict(steps=ph.steps, disabled=sorted(ph.disabled))
+        if ph.failed is not None:
+            sd['partial_hessian']['failed'] = ph.failed.clone()
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -362,6 +418,10 @@ class SGD_PH(Optimizer):
         if extra is not None:
             self.partial_hessian.steps = int(extra['steps'])
             self.partial_hessian.disabled = set(extra['disabled'])
+            failed = extra.get('failed')
+            ph = self.partial_hessian
+            ph.failed = (None if failed is None or not ph.params else
+                         failed.to(ph.params[0].device, torch.bool))
         else:
             self.fallbacks.record(
                 'missing_preconditioner_state',

@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
 from ddp_recording import CollectiveLog, gather_objects, join_gloo
 from test_distributed import Net, data, free_port, loss_fn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mmprecond.optim import KBFGS, AdaFisher
+from mmprecond.optim import KBFGS, SGD_PH, AdaFisher
 from mmprecond.profiling import DispatchCounter, counter_tensors
 
 STEPS = 4
@@ -149,3 +151,97 @@ def test_kbfgs_ranks_issue_the_same_collectives_with_an_empty_head(tmp_path):
             torch.testing.assert_close(r0['state'][name][key], value,
                                        rtol=1e-4, atol=1e-5,
                                        msg=f'{name}.{key}')
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """``grad * mask`` that cannot be differentiated again, as many custom
+    ops (some mmcv ones among them) have no double backward."""
+
+    @staticmethod
+    def forward(ctx, grad, mask):
+        return grad * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError('double backward is not implemented for this op')
+
+
+class _OnceDifferentiableReLU(torch.autograd.Function):
+    """ReLU whose backward cannot be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x, ) = ctx.saved_tensors
+        return _NoDoubleBackward.apply(grad, (x > 0).to(grad.dtype))
+
+
+class PHNet(nn.Module):
+    """Conv, GroupNorm, ReLU, Linear; on ``rank`` 1 the ReLU is once
+    differentiable, so the GroupNorm Hessian-vector products fail there only."""
+
+    def __init__(self, once_differentiable_relu=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.GroupNorm(3, 6)
+        self.fc = nn.Linear(6 * 6 * 6, 4)
+        self.once = once_differentiable_relu
+
+    def forward(self, x):
+        x = self.norm(self.conv(x))
+        x = _OnceDifferentiableReLU.apply(x) if self.once else F.relu(x)
+        return self.fc(x.flatten(1))
+
+
+def sgd_ph_worker(rank, world, port, path):
+    join_gloo(rank, world, port, seconds=30)
+    model = PHNet(once_differentiable_relu=rank == 1)
+    ddp = DDP(model)
+    opt = SGD_PH(model.parameters(), model=model, lr=0.05, weight_decay=1e-3)
+    g = torch.Generator().manual_seed(1)
+    logs = []
+    for _ in range(6):  # three rounds over the two GroupNorm tensors
+        x = torch.randn(8, 3, 6, 6, generator=g)
+        y = torch.randint(0, 4, (8, ), generator=g)
+        loss = F.cross_entropy(ddp(x.chunk(2)[rank]), y.chunk(2)[rank])
+        opt.zero_grad()
+        with CollectiveLog() as log:
+            opt.prepare_hessian(loss)
+        loss.backward()
+        with CollectiveLog() as step_log:
+            opt.step()
+        logs.append((log.calls, step_log.calls))
+    result = dict(logs=logs, params=[p.detach().clone()
+                                     for p in model.parameters()],
+                  state=opt.state_dict(), fallbacks=dict(opt.fallbacks.counts))
+    everyone = gather_objects(result)
+    if rank == 0:
+        torch.save(everyone, path)
+    dist.destroy_process_group()
+
+
+def test_sgd_ph_ranks_agree_when_one_ranks_hessian_product_fails(tmp_path):
+    path = str(tmp_path / 'result.pt')
+    mp.spawn(sgd_ph_worker, args=(2, free_port(), path), nprocs=2, join=True)
+    r0, r1 = torch.load(path)
+    assert r1['fallbacks'].get('hvp_unavailable', 0) >= 1
+    assert not r0['fallbacks'].get('hvp_unavailable')
+    assert r0['logs'] == r1['logs'], 'ranks issued different collectives'
+    for a, b in zip(r0['params'], r1['params']):
+        assert torch.equal(a, b), 'ranks diverged'
+    s0, s1 = r0['state'], r1['state']
+    assert s0['partial_hessian']['disabled'] == s1['partial_hessian']['disabled']
+    # both GroupNorm tensors failed on rank 1: disabled on both ranks
+    assert s0['partial_hessian']['failed'].tolist() == [True, True]
+    assert torch.equal(s0['partial_hessian']['failed'],
+                       s1['partial_hessian']['failed'])
+    for key, st in s0['state'].items():
+        for name, value in st.items():
+            assert torch.equal(value, s1['state'][key][name]), (key, name)
+        if 'hessian_diag' in st:  # never folded a one-rank product
+            assert not st['hessian_diag'].any()
