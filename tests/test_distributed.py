@@ -121,6 +121,29 @@ def free_port():
         return s.getsockname()[1]
 
 
+def drop_logit_shift(model, flat):
+    """Split a flat parameter vector at fc's cross-entropy null direction.
+
+    Args:
+        model: The ``Net`` whose parameter layout ``flat`` follows.
+        flat: All parameters, flattened and concatenated in order.
+
+    Returns:
+        ``(rest, shift)``: ``flat`` with fc's per-input mean over its output
+        rows removed (a common shift of all logits, invisible to the loss),
+        and that mean.
+    """
+    rest, shifts, off = flat.clone(), [], 0
+    for pname, p in model.named_parameters():
+        if pname.startswith('fc.'):
+            rows = rest[off:off + p.numel()].view(p.shape[0], -1)
+            mean = rows.mean(0)
+            rows -= mean
+            shifts.append(mean)
+        off += p.numel()
+    return rest, torch.cat(shifts)
+
+
 @pytest.mark.parametrize('name', list(OPTIMS))
 def test_ddp_equals_single_process_on_concatenated_batch(name, tmp_path):
     steps = 6
@@ -146,6 +169,17 @@ def test_ddp_equals_single_process_on_concatenated_batch(name, tmp_path):
     # Adam divides by sqrt(v): near-zero gradients amplify the fp32 summation
     # order noise of the all-reduce, so allow 1 % of one lr-sized step there
     atol = 1e-5 if name.startswith('NKFAC') else 1e-4
+    if name == 'AdamR':
+        # Measured: every DDP - single difference beyond 3e-6 relative lies
+        # along fc's logit shift (the mean over its output rows), where the
+        # CE gradient is zero analytically; the rotated Adam step there is
+        # summation noise over its own size (1.2e-4 on a 7e-2 bias after six
+        # steps).  The loss cannot see that direction, so it is compared
+        # separately, to a tenth of one lr-sized step, and everything else
+        # at the usual tolerance.
+        r0, single = (drop_logit_shift(model, t) for t in (r0, single))
+        torch.testing.assert_close(r0[1], single[1], rtol=0, atol=0.1 * 1e-2)
+        r0, single = r0[0], single[0]
     if name == 'NKFAC-capped':
         assert set(opt.layer_state['head']) == {'L', 'L_inv'}
     torch.testing.assert_close(r0, single, rtol=1e-4, atol=atol)
