@@ -222,30 +222,6 @@ def test_nonfinite_statistics_are_not_folded_and_are_counted_lazily():
     assert opt.fallbacks.counts['nonfinite_statistics'] == 1
 
 
-#: The related optimizers on the same core: their plain and statistics steps
-#: read nothing either (K-BFGS is left out: its curvature steps run a second
-#: forward/backward by design).
-RELATED = {
-    'SGDM_BK': dict(lr=0.02, inv_interval=INV),
-    'AdamW_BK': dict(lr=1e-3, inv_interval=INV),
-    'Shampoo': dict(lr=0.02, inv_interval=INV),
-    'AdaFisher': dict(lr=1e-3),
-    'AdaFisherW': dict(lr=1e-3),
-    'TNT_EF': dict(lr=1e-3, inv_interval=INV),
-}
-
-
-@pytest.mark.parametrize('name', list(RELATED))
-def test_related_optimizers_read_no_device_value(name):
-    import mmprecond.optim as optim
-
-    model = Net()
-    opt = getattr(optim, name)(model.parameters(), model=model,
-                               stat_interval=STAT, **RELATED[name])
-    data = batches(9, 'cpu')
-    for x, y in data[:INV + 1]:
-        iteration(model, opt, x, y)
-    for t, (x, y) in enumerate(data[INV + 1:INV + 3], start=INV + 1):
-        assert t % INV != 0  # plain and statistics steps only
-        counter = counted_step(model, opt, x, y)
-        assert counter.host_reads == 0, (name, t, counter.by_name)
+# The related optimizers (SGDM_BK, AdamW_BK, Shampoo, AdaFisher(W), TNT_EF,
+# ...) are held to zero host reads by tests/test_contract (test_host_reads:
+# whole iterations, every registered optimizer).
