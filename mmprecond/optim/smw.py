@@ -23,7 +23,7 @@ from .base import PrecondOptimizer, check_positive, check_unit_interval
 from .bfgs_updates import _conv_geometry
 from .kbfgs import SECOND_PASS_MSG
 
-#: Elements of one ``(rows, T, N2 T)`` block of the conv Gram computation.
+#: Elements of one ``(rows, N2 T)`` block of the conv Gram computation.
 GRAM_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -57,26 +57,28 @@ def per_sample_grads_rows(module: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
-def sample_gram(a: Tensor, g: Tensor) -> Tensor:
+def sample_gram(a: Tensor, g: Tensor,
+                chunk_elements: int = GRAM_CHUNK_ELEMENTS) -> Tensor:
     """``K_ij = grad f_i . grad f_j`` of one layer, per-sample grads unformed.
 
     With ``a`` ``(N, T, d_in)`` and ``g`` ``(N, T, d_out)`` the per-sample
     gradient is ``sum_t g_it a_it^T``, so ``K_ij = sum_{t,s} (a_it . a_js)
     (g_it . g_js)``; for ``T = 1`` this is ``(A A^T) o (G G^T)``.  Cost
-    ``N^2 T^2 (d_in + d_out)``, computed in row blocks of bounded memory.
+    ``N^2 T^2 (d_in + d_out)``, computed in blocks of rows (sample x
+    position) of about ``chunk_elements`` products each.
     """
     n, t = a.shape[0], a.shape[1]
     if t == 1:
         return (a[:, 0] @ a[:, 0].T) * (g[:, 0] @ g[:, 0].T)
     a_flat, g_flat = a.reshape(n * t, -1), g.reshape(n * t, -1)
-    rows = max(1, GRAM_CHUNK_ELEMENTS // (t * n * t))
-    out = []
-    for start in range(0, n, rows):
-        ai = a[start:start + rows].reshape(-1, a.shape[-1])
-        gi = g[start:start + rows].reshape(-1, g.shape[-1])
-        prod = (ai @ a_flat.T) * (gi @ g_flat.T)  # (b T, N T)
-        out.append(prod.view(-1, t, n, t).sum((1, 3)))
-    return torch.cat(out)
+    owner = torch.arange(n, device=a.device).repeat_interleave(t)
+    gram = a.new_zeros(n, n)
+    rows = max(1, chunk_elements // (n * t))
+    for start in range(0, n * t, rows):
+        end = min(start + rows, n * t)
+        prod = (a_flat[start:end] @ a_flat.T) * (g_flat[start:end] @ g_flat.T)
+        gram.index_add_(0, owner[start:end], prod.view(end - start, n, t).sum(2))
+    return gram
 
 
 def jacobian_vector(a: Tensor, g: Tensor, v: Tensor) -> Tensor:

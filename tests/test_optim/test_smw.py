@@ -113,6 +113,9 @@ def test_conv_gram_equals_per_sample_gradient_products():
     d = torch.randn(5, 7, 3, generator=g, dtype=torch.float64)
     per = torch.einsum('ntc,ntd->ncd', d, a).flatten(1)
     assert torch.allclose(sample_gram(a, d), per @ per.T, rtol=1e-12)
+    # blocks of 3 rows cross the sample boundaries (7 positions each)
+    assert torch.allclose(sample_gram(a, d, chunk_elements=3 * 35), per @ per.T,
+                          rtol=1e-12)
 
 
 def test_lm_rule_follows_hand_computed_sequence():
