@@ -26,3 +26,5 @@ optim_wrapper = dict(
 custom_hooks = [
     dict(type='PrecondStatsHook', interval=10),
     dict(type='SecondPassHook')]
+# at most 3 checkpoints are kept, as in the other zoo configs
+default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))
