@@ -111,7 +111,8 @@ class SecondPassHook(Hook):
         if not hasattr(optimizer, 'second_pass'):
             raise RuntimeError(
                 f'SecondPassHook is for optimizers that need a second pass '
-                f'(KBFGS, KBFGS_L); {type(optimizer).__name__} does not.')
+                f'(KBFGS, KBFGS_L, SMW_NG); {type(optimizer).__name__} does '
+                'not.')
         if getattr(wrapper, '_accumulative_counts', 1) != 1:
             raise RuntimeError(
                 'SecondPassHook cannot be combined with gradient accumulation '
@@ -162,7 +163,8 @@ class SecondPassHook(Hook):
 
         set_rng_state(rng)
         try:
-            optimizer.second_pass(closure)
+            first = outputs.get('loss') if isinstance(outputs, dict) else None
+            optimizer.second_pass(closure, first_loss=first)
             self.passes += 1
         finally:
             with torch.no_grad():

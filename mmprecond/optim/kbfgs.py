@@ -520,13 +520,17 @@ class KBFGS(PrecondOptimizer):
             ok = torch.isfinite(new).all() & (s_a @ y_a > 0)
             st['H_A'] = torch.where(ok, new, h_a)
 
-    def second_pass(self, closure: Callable[[], Tensor]) -> None:
+    def second_pass(self, closure: Callable[[], Tensor],
+                    first_loss: Optional[Tensor] = None) -> None:
         """Second forward/backward on the step's minibatch; updates ``H_G``.
 
         Args:
             closure (Callable): Runs the forward on the same batch (same
                 random sampling) and returns the loss; it must not call
                 ``backward``.  Parameter ``.grad`` is left untouched.
+            first_loss (Tensor, optional): The first pass's loss, which
+                :class:`~mmprecond.engine.SecondPassHook` hands to every
+                optimizer (SMW_NG's rho-test uses it); unused here.
         """
         if not self.needs_second_pass:
             raise RuntimeError('second_pass() called without a pending '
