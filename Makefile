@@ -17,6 +17,13 @@ PYTEST_ARGS ?=
 # threads, 0.52 s/iter with 1.
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
+# With one thread per process the suite would leave the second core idle, so
+# pytest-xdist runs TEST_WORKERS processes (one per core, at most 4, by
+# default; 0 runs in-process).  --dist loadscope keeps each module (and each test class) on
+# one worker, so module-scoped fixtures (a dist_train.sh run, a trained
+# detector) are built once.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 
 .PHONY: help env data demo test test-fast test-zoo lint bench
 
@@ -47,13 +54,13 @@ demo: env data
 		| sed 's/^/demo: /' | grep . || { echo "demo: no bbox_mAP printed" >&2; exit 1; }
 
 test: env
-	$(VENV_PY) -m pytest -q -m "not zoo" --durations=15 $(PYTEST_ARGS) tests
+	$(VENV_PY) -m pytest -q -m "not zoo" $(XDIST) --durations=15 $(PYTEST_ARGS) tests
 
 test-fast: env
-	$(VENV_PY) -m pytest -q -m "not slow and not zoo" --durations=10 $(PYTEST_ARGS) tests
+	$(VENV_PY) -m pytest -q -m "not slow and not zoo" $(XDIST) --durations=10 $(PYTEST_ARGS) tests
 
 test-zoo: env
-	$(VENV_PY) -m pytest -q --durations=10 $(PYTEST_ARGS) tests/test_configs
+	$(VENV_PY) -m pytest -q $(XDIST) --durations=10 $(PYTEST_ARGS) tests/test_configs
 
 lint: env
 	$(VENV_PY) -m ruff check .

@@ -64,7 +64,7 @@ if __name__ == '__main__':
         extras_require={
             'det': ['mmdet>=3.3.0,<3.4.0'],
             'cls': ['mmpretrain>=1.2.0,<1.3.0'],
-            'tests': ['pytest', 'pytest-timeout', 'ruff'],
+            'tests': ['pytest', 'pytest-timeout', 'pytest-xdist', 'ruff'],
             # third-party optimizers for compare_optimizers.py
             'peers': ['pytorch-optimizer>=4.1,<5', 'singd>=0.0.5,<0.1'],
         },
