@@ -159,7 +159,9 @@ def train_step(model: nn.Module, opt: Any, batch: Batch, scale: float = 0.0,
     else:
         opt.step()
     if getattr(opt, 'needs_second_pass', False):
-        opt.second_pass(closure)
+        # as SecondPassHook calls it: the first pass's loss comes along
+        # (SMW_NG's rho-test needs f(theta); K-BFGS ignores it)
+        opt.second_pass(closure, first_loss=loss.detach())
     return loss.detach()
 
 

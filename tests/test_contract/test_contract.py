@@ -82,13 +82,15 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
     **{(n, c): ('xfail', f'issue 18: TNT blow-up / NaN in state, {_DEFECT_A}')
        for n in ('TNT', 'TNT_EF')
        for c in ('resume', 'nonfinite_grad', 'nonfinite_factor')},
-    # 2, 3 on 2 ranks: K-BFGS issues one all-reduce per layer only where the
-    # rank saw rows; the aux layer sees none on rank 1 and gloo aborts
-    # ("Received data size doesn't match expected size")
-    **{(n, c): ('xfail', 'issue 18: K-BFGS rank-dependent all-reduces '
-                '(gloo aborts the group), fixed on branch defects-a/b')
-       for n in ('KBFGS', 'KBFGS_L')
-       for c in ('ddp', 'ddp_collectives', 'amp_scale', 'amp_overflow')},
+    # SMW_NG (issue 22) keeps one captured row block per sample of the
+    # curvature subset; the contract model's aux layer sees a row subset
+    # (zero rows on rank 1), and the Gram/Jg shapes then disagree
+    # ("size of tensor a (30) must match ... b (8)"): found by this suite
+    **{('SMW_NG', c): ('xfail', 'issue 22: SMW_NG assumes every captured '
+                       'layer sees one row block per sample; a layer fed a '
+                       'row subset raises a shape error (found by this suite)')
+       for c in ('ddp', 'resume', 'host_reads', 'nonfinite_grad',
+                 'nonfinite_factor', 'checkpoint', 'defaults')},
     **{(n, c): ('xfail', f'issue 18: TNT blow-up on the short schedule '
                 f'(parameters reach 1e25, extra overflows), {_DEFECT_A}')
        for n in ('TNT', 'TNT_EF') for c in ('ddp', 'amp_scale')},
