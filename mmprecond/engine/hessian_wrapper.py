@@ -120,11 +120,15 @@ class HessianOptimWrapper(OptimWrapper):
         if not ph.params:
             return
         k = ph.turn()
-        h = ph.hessian_row_sums(type(self).__name__)
+        out = ph.hessian_row_sums(type(self).__name__)
         ph.clear()
         mu = cfg['decay']
-        if h is not None:
-            self._diag[k].mul_(mu).add_(h, alpha=1 - mu)
+        if out is not None:
+            h, valid = out
+            new = self._diag[k] * mu + h * (1 - mu)
+            if valid is not None:  # a rank failed: keep the old diagonal
+                new = torch.where(valid, new, self._diag[k])
+            self._diag[k].copy_(new)
         bc = 1 - mu**(ph.steps // len(ph.params) + 1)
         pairs = [(p.grad, d) for p, d in zip(ph.params, self._diag)
                  if p.grad is not None]
