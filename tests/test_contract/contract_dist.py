@@ -9,13 +9,11 @@ optimizer that raises is recorded with its error and the group carries on.
 """
 import os
 import traceback
-from datetime import timedelta
 from typing import Any, Callable, Dict, List
 
 import torch
 import torch.distributed as dist
 from contract_spec import (
-    CollectiveRecorder,
     Net,
     batches,
     build,
@@ -25,6 +23,7 @@ from contract_spec import (
     state_snapshot,
     train_step,
 )
+from ddp_recording import CollectiveLog, join_gloo
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 WORLD = 2
@@ -41,7 +40,7 @@ def ddp_case(cls: type, rank: int) -> Dict[str, Any]:
     model = Net(0)
     ddp = DDP(model)
     opt = build(cls, model)
-    with CollectiveRecorder() as rec:
+    with CollectiveLog() as rec:
         for batch in batches(DDP_STEPS):
             train_step(ddp, opt, shard(batch, rank, WORLD), WORLD / len(batch[0]))
     return dict(params=flat_params(model), calls=rec.calls)
@@ -112,10 +111,7 @@ def worker(rank: int, port: int, out_dir: str, names: List[str]) -> None:
     group that gloo aborts (a collective mismatch kills the process) still
     leaves the optimizers before the culprit on disk.
     """
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
+    join_gloo(rank, WORLD, port)
     classes = registered()
     for name in names:
         cls = classes[name]

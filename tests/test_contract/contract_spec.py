@@ -11,7 +11,7 @@ Hessian-vector product, ``needs_second_pass`` / ``second_pass`` for K-BFGS,
 named ``head``, the name every model of this suite gives its classifier.
 """
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -198,48 +198,3 @@ def nonfinite(model: nn.Module, opt: Any) -> List[str]:
 def flat_params(model: nn.Module) -> Tensor:
     """All parameters in one vector."""
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-COLLECTIVES = ('all_reduce', 'broadcast', 'all_gather', 'all_gather_into_tensor',
-               'reduce_scatter', 'reduce_scatter_tensor', 'all_to_all',
-               'all_to_all_single', 'all_gather_object', 'broadcast_object_list',
-               'reduce', 'gather', 'scatter', 'barrier', 'all_reduce_coalesced')
-
-
-class CollectiveRecorder:
-    """Records every ``torch.distributed`` collective call made through the
-    module's attributes (``dist.all_reduce(...)``): name, shapes, dtypes."""
-
-    def __init__(self) -> None:
-        self.calls: List[str] = []
-        self._saved: Dict[str, Callable] = {}
-
-    def _wrap(self, name: str, fn: Callable) -> Callable:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            shapes = [f'{tuple(a.shape)}:{a.dtype}' for a in args
-                      if isinstance(a, Tensor)]
-            for a in args:
-                if isinstance(a, (list, tuple)):
-                    shapes += [f'{tuple(t.shape)}:{t.dtype}' for t in a
-                               if isinstance(t, Tensor)]
-            self.calls.append(f'{name}{shapes}')
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    def __enter__(self) -> 'CollectiveRecorder':
-        import torch.distributed as dist
-
-        for name in COLLECTIVES:
-            fn = getattr(dist, name, None)
-            if fn is not None:
-                self._saved[name] = fn
-                setattr(dist, name, self._wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import torch.distributed as dist
-
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
-        self._saved.clear()

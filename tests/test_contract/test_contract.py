@@ -25,7 +25,6 @@ reason; the test then skips or xfails with it.  Nothing is skipped silently:
 :func:`test_exceptions_table_has_no_stale_entries` keep the table honest.
 """
 import io
-import socket
 from typing import Dict, Tuple
 
 import pytest
@@ -44,6 +43,7 @@ from contract_spec import (
     tensors_of,
     train_step,
 )
+from test_distributed import free_port
 
 from mmprecond.profiling import DispatchCounter, counter_tensors
 
@@ -193,19 +193,13 @@ def test_degenerate(name):
 
 
 # ---------------------------------------------------------- 2, 3 DDP / AMP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='session')
 def dist_results(tmp_path_factory) -> Dict[str, Tuple[Dict, Dict]]:
     """Both ranks' results, every optimizer through one shared process group."""
     from contract_dist import run_all
 
     out = tmp_path_factory.mktemp('contract_dist')
-    return run_all(str(out), NAMES, _free_port)
+    return run_all(str(out), NAMES, free_port)
 
 
 def _rank_results(dist_results, name: str, case: str) -> Tuple[Dict, Dict]:

@@ -7,36 +7,42 @@ from typing import Any, Callable, List, Tuple
 import torch
 import torch.distributed as dist
 
-#: The collectives that are wrapped.
-COLLECTIVES = ('all_reduce', 'broadcast', 'all_gather', 'reduce_scatter',
-               'all_gather_into_tensor', 'reduce_scatter_tensor', 'barrier',
-               'all_gather_object', 'broadcast_object_list')
-
+#: The collectives that are wrapped (those this torch lacks are left out).
+COLLECTIVES = ('all_reduce', 'broadcast', 'all_gather', 'all_gather_into_tensor',
+               'reduce_scatter', 'reduce_scatter_tensor', 'all_to_all',
+               'all_to_all_single', 'all_gather_object', 'broadcast_object_list',
+               'reduce', 'gather', 'scatter', 'barrier', 'all_reduce_coalesced')
 
 class CollectiveLog:
-    """Context manager: ``calls`` gets ``(name, dtype, numel, side_group)``.
+    """Context manager: ``calls`` gets ``(name, dtype, shapes, side_group)``.
 
-    ``side_group`` is ``True`` for a collective on a group other than the
-    default one.  ``int_results`` keeps the reduced value of every int64
-    all-reduce (row counts).
+    ``dtype`` is that of the call's first tensor (``None`` without one) and
+    ``shapes`` the shapes of all its tensors, those inside list arguments
+    (``all_gather``'s output list) included.  ``side_group`` is ``True`` for
+    a collective on a group other than the default one.  ``int_results``
+    keeps the reduced value of every int64 all-reduce (row counts).
     """
 
     def __init__(self) -> None:
-        self.calls: List[Tuple[str, Any, int, bool]] = []
+        self.calls: List[Tuple[str, Any, Tuple[Tuple[int, ...], ...], bool]] = []
         self.int_results: List[torch.Tensor] = []
         self._saved: List[Tuple[str, Callable]] = []
 
     def _wrap(self, name: str, orig: Callable) -> Callable:
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            t = args[0] if args else kwargs.get('tensor')
+            tensors = []
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.Tensor):
+                    tensors.append(a)
+                elif isinstance(a, (list, tuple)):
+                    tensors += [t for t in a if isinstance(t, torch.Tensor)]
             group = kwargs.get('group')
             side = group is not None and group is not dist.group.WORLD
-            if isinstance(t, torch.Tensor):
-                self.calls.append((name, t.dtype, t.numel(), side))
-            else:
-                self.calls.append((name, None, 0, side))
+            self.calls.append((name, tensors[0].dtype if tensors else None,
+                               tuple(tuple(t.shape) for t in tensors), side))
             out = orig(*args, **kwargs)
+            t = args[0] if args else kwargs.get('tensor')
             if (name == 'all_reduce' and isinstance(t, torch.Tensor)
                     and t.dtype == torch.int64):
                 self.int_results.append(t.clone())
@@ -46,7 +52,9 @@ class CollectiveLog:
 
     def __enter__(self) -> 'CollectiveLog':
         for name in COLLECTIVES:
-            orig = getattr(dist, name)
+            orig = getattr(dist, name, None)
+            if orig is None:
+                continue
             self._saved.append((name, orig))
             setattr(dist, name, self._wrap(name, orig))
         return self
