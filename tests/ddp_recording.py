@@ -73,8 +73,13 @@ def join_gloo(rank: int, world: int, port: int, seconds: int = 60) -> None:
     torch.set_num_threads(1)
 
 
-def gather_objects(obj: Any) -> List[Any]:
-    """``obj`` of every rank (outside any :class:`CollectiveLog`)."""
+def save_from_rank0(obj: Any, path: str) -> None:
+    """Gather ``obj`` of every rank, save the list from rank 0, leave the group.
+
+    Called outside any :class:`CollectiveLog` (the gather is a collective).
+    """
     out: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
-    return out
+    if dist.get_rank() == 0:
+        torch.save(out, path)
+    dist.destroy_process_group()

@@ -6,11 +6,10 @@ but gets zero rows on rank 1 (like a RoI head without RoIs there).
 """
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from ddp_recording import CollectiveLog, gather_objects, join_gloo
+from ddp_recording import CollectiveLog, join_gloo, save_from_rank0
 from test_distributed import Net, data, free_port, loss_fn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -45,10 +44,7 @@ def adafisher_worker(rank, world, port, path):
     result = dict(params=flat, logs=logs, reads=reads, counts=counts,
                   state={n: {k: v.clone() for k, v in st.items()}
                          for n, st in opt.layer_state.items()})
-    everyone = gather_objects(result)
-    if rank == 0:
-        torch.save(everyone, path)
-    dist.destroy_process_group()
+    save_from_rank0(result, path)
 
 
 def test_adafisher_counts_ride_the_device_bucket_without_host_reads(tmp_path):
@@ -123,10 +119,7 @@ def kbfgs_worker(rank, world, port, path):
                                     for p in model.parameters()]),
                   state={n: {k: v.clone() for k, v in st.items()}
                          for n, st in opt.layer_state.items()})
-    everyone = gather_objects(result)
-    if rank == 0:
-        torch.save(everyone, path)
-    dist.destroy_process_group()
+    save_from_rank0(result, path)
 
 
 def test_kbfgs_ranks_issue_the_same_collectives_with_an_empty_head(tmp_path):
@@ -219,10 +212,7 @@ def sgd_ph_worker(rank, world, port, path):
     result = dict(logs=logs, params=[p.detach().clone()
                                      for p in model.parameters()],
                   state=opt.state_dict(), fallbacks=dict(opt.fallbacks.counts))
-    everyone = gather_objects(result)
-    if rank == 0:
-        torch.save(everyone, path)
-    dist.destroy_process_group()
+    save_from_rank0(result, path)
 
 
 def test_sgd_ph_ranks_agree_when_one_ranks_hessian_product_fails(tmp_path):

@@ -3,7 +3,6 @@
 the thesis' LM rule; the rho-test; no host reads."""
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from ddp_recording import join_gloo
 from test_distributed import free_port
 from torch.func import functional_call, grad, vmap
 
@@ -223,24 +223,27 @@ def test_invalid_arguments_name_the_field():
         SMW_NG(model.parameters())
 
 
-def _ddp_worker(rank, world, port, path):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = cnn()
-    ddp = nn.parallel.DistributedDataParallel(model)
+def _train_cnn(run_model, model, x, y):
+    """3 SMW-NG steps with the rho-test's second pass; the optimizer."""
     opt = SMW_NG(model.parameters(), model=model, lr=0.2,
                  curvature_samples=None)
-    x, y = batch('cnn', 8)
-    x, y = x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]
     for _ in range(3):
         opt.zero_grad()
-        loss = F.cross_entropy(ddp(x), y)
+        loss = F.cross_entropy(run_model(x), y)
         loss.backward()
         opt.step()
-        # local losses: second_pass averages them over the ranks
+        # under DDP the losses are local: second_pass averages them
         opt.second_pass(lambda: F.cross_entropy(model(x), y),
                         first_loss=loss.detach())
+    return opt
+
+
+def _ddp_worker(rank, world, port, path):
+    join_gloo(rank, world, port)
+    model = cnn()
+    x, y = batch('cnn', 8)
+    x, y = x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]
+    opt = _train_cnn(nn.parallel.DistributedDataParallel(model), model, x, y)
     if rank == 0:
         torch.save(dict(params=[p.detach() for p in model.parameters()],
                         lm=opt.lm_lambda), path)
@@ -252,16 +255,7 @@ def test_ddp_equals_one_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, free_port(), path), nprocs=2, join=True)
     got = torch.load(path)
     model = cnn()
-    opt = SMW_NG(model.parameters(), model=model, lr=0.2,
-                 curvature_samples=None)
-    x, y = batch('cnn', 8)
-    for _ in range(3):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.second_pass(lambda: F.cross_entropy(model(x), y),
-                        first_loss=loss.detach())
+    opt = _train_cnn(model, model, *batch('cnn', 8))
     for p, q in zip(model.parameters(), got['params']):
         assert torch.allclose(p, q, rtol=1e-9, atol=1e-12)
     assert torch.allclose(opt.lm_lambda, got['lm'])
