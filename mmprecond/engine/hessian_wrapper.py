@@ -10,7 +10,7 @@ from mmengine.registry import OPTIM_WRAPPERS
 from torch import Tensor
 
 from ..logging import FallbackLog
-from ..optim.sgd_ph import PartialHessian, channel_params
+from ..optim.sgd_ph import PartialHessian, channel_params, fold_hessian_diag_
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -125,10 +125,7 @@ class HessianOptimWrapper(OptimWrapper):
         mu = cfg['decay']
         if out is not None:
             h, valid = out
-            new = self._diag[k] * mu + h * (1 - mu)
-            if valid is not None:  # a rank failed: keep the old diagonal
-                new = torch.where(valid, new, self._diag[k])
-            self._diag[k].copy_(new)
+            fold_hessian_diag_(self._diag[k], h, mu, valid)
         bc = 1 - mu**(ph.steps // len(ph.params) + 1)
         pairs = [(p.grad, d) for p, d in zip(ph.params, self._diag)
                  if p.grad is not None]

@@ -22,6 +22,21 @@ from .base import check_positive, check_unit_interval
 #: Raised by a product that did not fit; re-raised, never a reason to disable.
 _OUT_OF_MEMORY = getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)
 
+def fold_hessian_diag_(diag: Tensor, h: Tensor, decay: float,
+                       valid: Optional[Tensor] = None) -> None:
+    """``diag <- decay * diag + (1 - decay) * h`` in place.
+
+    ``valid`` (a 0-dim device flag, see :meth:`PartialHessian.hessian_row_sums`)
+    keeps ``diag`` as it is where some rank failed to form the product,
+    without reading the flag on the host.
+    """
+    if valid is None:
+        diag.mul_(decay).add_(h, alpha=1 - decay)
+    else:
+        diag.copy_(torch.where(valid, diag.mul(decay).add_(h, alpha=1 - decay),
+                               diag))
+
+
 #: Normalisation layers whose affine weight and bias are channel-wise.
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -371,12 +386,8 @@ class SGD_PH(Optimizer):
                 if 'hessian_diag' not in st:
                     st['hessian_diag'] = torch.zeros_like(p)
                     st['momentum_buffer'] = torch.zeros_like(p)
-                if p is hp and valid is None:
-                    st['hessian_diag'].mul_(mu).add_(h, alpha=1 - mu)
-                elif p is hp:  # a tensor whose product failed on a rank
-                    diag = st['hessian_diag']
-                    diag.copy_(torch.where(valid, diag.mul(mu).add_(
-                        h, alpha=1 - mu), diag))
+                if p is hp:
+                    fold_hessian_diag_(st['hessian_diag'], h, mu, valid)
                 curv.append(p)
                 curv_grads.append(p.grad.detach())
                 curv_bufs.append(st['momentum_buffer'])
