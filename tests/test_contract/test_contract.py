@@ -16,7 +16,8 @@ without editing a list.  Cases:
    the optimizer put them (another dtype);
 5. no host read on plain and statistics steps (by-design reads: exact count);
 6. NaN / Inf in a gradient and in a factor never reach weights or state;
-7. a checkpoint written by MMEngine loads back with ``weights_only=True``;
+7. a checkpoint written by MMEngine's ``CheckpointHook`` in a real ``Runner``
+   opens with ``weights_only=True`` and resumes through MMEngine exactly;
 8. at its defaults the loss falls and everything stays finite.
 
 An optimizer that cannot take a case is listed in :data:`EXCEPTIONS` with the
@@ -25,11 +26,13 @@ reason; the test then skips or xfails with it.  Nothing is skipped silently:
 :func:`test_exceptions_table_has_no_stale_entries` keep the table honest.
 """
 import io
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from contract_spec import (
+    BATCH,
     Net,
     base_kind,
     batches,
@@ -43,8 +46,13 @@ from contract_spec import (
     tensors_of,
     train_step,
 )
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
 from test_distributed import free_port
+from torch import Tensor
+from torch.utils.data import Dataset
 
+from mmprecond.compat import safe_checkpoint_load
 from mmprecond.profiling import DispatchCounter, counter_tensors
 
 OPTIMIZERS = registered()
@@ -365,25 +373,105 @@ def test_nonfinite_factor(name):
 
 
 # ------------------------------------------------------------ 7 checkpoint
+class RunnerNet(BaseModel):
+    """:class:`Net` as an MMEngine model: ``mode='loss'`` gives the CE loss.
+
+    Its layers keep :class:`Net`'s names (TNT finds its logits at ``head``).
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        net = Net(seed)
+        self.conv, self.fc, self.head, self.aux = (net.conv, net.fc, net.head,
+                                                   net.aux)
+
+    def forward(self, inputs: Tensor, y: Tensor, mode: str = 'tensor'):
+        rows = torch.arange(len(inputs) // 4)  # a host int: no device read
+        out = Net.forward(self, inputs, rows)
+        if mode == 'loss':
+            return dict(loss=F.cross_entropy(out, y))
+        return out
+
+
+class RunnerData(Dataset):
+    """The samples of :func:`batches`, one per index, unshuffled."""
+
+    def __init__(self, n: int) -> None:
+        self.samples = [(x[i], y[i]) for x, y, _ in batches(n)
+                        for i in range(len(x))]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> Dict[str, Tensor]:
+        x, y = self.samples[idx]
+        return dict(inputs=x, y=y)
+
+
+def build_runner(name: str, work_dir: str, seed: int, max_iters: int,
+                 load_from: Optional[str] = None) -> Runner:
+    """A real MMEngine ``Runner`` for ``name``, built as a user config would.
+
+    The optimizer comes from the project's constructor; the optim wrapper
+    and hooks are what the optimizer's own protocol asks for (the Hessian
+    wrapper for ``prepare_hessian``, :class:`SecondPassHook` for
+    ``second_pass``), so a new optimizer needs no entry here.
+    """
+    cls = OPTIMIZERS[name]
+    wrapper = 'HessianOptimWrapper' if hasattr(cls, 'prepare_hessian') \
+        else 'OptimWrapper'
+    hooks = [dict(type='SecondPassHook')] if hasattr(cls, 'second_pass') \
+        else []
+    return Runner(
+        model=RunnerNet(seed),
+        work_dir=work_dir,
+        experiment_name=f'{name}_{seed}',
+        train_dataloader=dict(
+            dataset=RunnerData(max_iters),
+            sampler=dict(type='DefaultSampler', shuffle=False),
+            batch_size=BATCH, num_workers=0,
+            collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(
+            type=wrapper, constructor='PrecondOptimWrapperConstructor',
+            optimizer=dict(type=name, **hyper(cls))),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        default_hooks=dict(
+            checkpoint=dict(type='CheckpointHook', interval=max_iters,
+                            by_epoch=False),
+            logger=dict(type='LoggerHook', interval=1)),
+        custom_hooks=hooks,
+        log_processor=dict(by_epoch=False),
+        randomness=dict(seed=seed),
+        load_from=load_from,
+        resume=load_from is not None,
+        default_scope='mmengine')
+
+
 @pytest.mark.parametrize('name', each('checkpoint'))
 def test_checkpoint(name, tmp_path):
-    from mmengine.runner.checkpoint import _load_checkpoint, save_checkpoint
+    """``CheckpointHook``'s file resumes through MMEngine, safe loader on.
 
-    cls = OPTIMIZERS[name]
-    model = Net(0)
-    opt = build(cls, model)
-    for batch in batches(3):
-        train_step(model, opt, batch)
-    path = str(tmp_path / 'iter_3.pth')
-    save_checkpoint(dict(meta=dict(iter=3), state_dict=model.state_dict(),
-                         optimizer=opt.state_dict()), path)
-    raw = torch.load(path, weights_only=True)
-    ckpt = _load_checkpoint(path, map_location='cpu')
-    assert raw.keys() == ckpt.keys()
-    again = Net(5)
-    again.load_state_dict(ckpt['state_dict'])
-    opt2 = build(cls, again)
-    opt2.load_state_dict(ckpt['optimizer'])
+    A real ``Runner`` trains 3 iterations (statistics, a refresh) and its
+    ``CheckpointHook`` writes ``iter_3.pth``; the file must open with
+    ``torch.load(weights_only=True)`` and no type outside MMEngine's own
+    allow-list (the optimizer state holds tensors and plain types only),
+    and a second ``Runner`` (other initial weights) resumed from it through
+    MMEngine must end with the same weights and the same optimizer state,
+    tensor for tensor.
+    """
+    first = build_runner(name, str(tmp_path / 'a'), seed=0, max_iters=3)
+    first.train()
+    path = tmp_path / 'a' / 'iter_3.pth'
+    # weights_only=True with only MMEngine's own types allowed (compat)
+    raw = safe_checkpoint_load(torch.load, str(path), map_location='cpu')
+    assert {'state_dict', 'optimizer', 'meta'} <= raw.keys()
+    again = build_runner(name, str(tmp_path / 'b'), seed=5, max_iters=3,
+                         load_from=str(path))
+    again.train()  # resumes at iteration 3 of 3: loads, trains nothing
+    assert again.iter == 3
+    opt, opt2 = (r.optim_wrapper.optimizer for r in (first, again))
+    torch.testing.assert_close(flat_params(again.model),
+                               flat_params(first.model), rtol=0, atol=0)
     before, after = state_snapshot(opt), state_snapshot(opt2)
     assert before.keys() == after.keys()
     for k in before:
