@@ -72,10 +72,14 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
                            'without decay it equals SGD to 1e-5 '
                            '(test_tnt.py::test_degenerate_equals_sgd_momentum)')
        for n in ('TNT', 'TNT_EF')},
-    **{(n, 'degenerate'): ('xfail', 'issue 18: with every layer excluded '
-                           '(max_factor_dim=1) second_pass calls '
-                           'torch.autograd.grad with no inputs (RuntimeError); '
-                           'found by this suite, not fixed yet')
+    **{(n, 'degenerate'): ('skip', 'K-BFGS decays outside the momentum '
+                           '(W -= lr (p + wd W), thesis Alg. 9/10), unlike '
+                           "torch's SGD: with weight_decay=1e-3 it differs "
+                           '(1.7e-4 abs, 3 % relative after 6 steps, '
+                           'measured); without decay and damping 1 it equals '
+                           'SGD bit for bit with every layer excluded '
+                           '(test_kbfgs.py::test_every_layer_excluded_is_sgd_'
+                           'past_curvature_steps)')
        for n in ('KBFGS', 'KBFGS_L')},
     # TNT / TNT_EF at the suite's short intervals (statistics every step,
     # refresh every second one, lr 5e-2): loss 1.5 -> 1.8e3 -> 6e12 -> NaN
