@@ -81,11 +81,14 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
                            '(test_kbfgs.py::test_every_layer_excluded_is_sgd_'
                            'past_curvature_steps)')
        for n in ('KBFGS', 'KBFGS_L')},
-    # TNT / TNT_EF at the suite's short intervals (statistics every step,
-    # refresh every second one, lr 5e-2): loss 1.5 -> 1.8e3 -> 6e12 -> NaN
-    **{(n, c): ('xfail', f'issue 18: TNT blow-up / NaN in state, {_DEFECT_A}')
-       for n in ('TNT', 'TNT_EF')
-       for c in ('resume', 'nonfinite_grad', 'nonfinite_factor')},
+    # TNT draws its labels at random: one process and two ranks (each its
+    # own draw for its own rows) build different sampled Fishers; measured
+    # 0.18 abs after 4 steps, ranks equal to each other.  TNT_EF (no
+    # sampling) takes the case.
+    ('TNT', 'ddp'): ('skip', 'sampled labels are random draws per rank, so '
+                     'two ranks do not draw what one process draws on the '
+                     'concatenated batch (0.18 abs after 4 steps, measured); '
+                     'TNT_EF takes this case'),
     # SMW_NG (issue 22) keeps one captured row block per sample of the
     # curvature subset; the contract model's aux layer sees a row subset
     # (zero rows on rank 1), and the Gram/Jg shapes then disagree
@@ -95,9 +98,6 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
                        'row subset raises a shape error (found by this suite)')
        for c in ('ddp', 'resume', 'host_reads', 'nonfinite_grad',
                  'nonfinite_factor', 'checkpoint', 'defaults')},
-    **{(n, c): ('xfail', f'issue 18: TNT blow-up on the short schedule '
-                f'(parameters reach 1e25, extra overflows), {_DEFECT_A}')
-       for n in ('TNT', 'TNT_EF') for c in ('ddp', 'amp_scale')},
     **{(n, 'ddp'): ('xfail', 'found by this suite, not diagnosed: one conv '
                     'weight entry 1.6e-4 away from one process after 4 steps')
        for n in ('AdaFisher', 'AdaFisherW')},
