@@ -114,12 +114,7 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
     # 5 host reads: the peers' own code reads the device
     **{(n, 'host_reads'): ('skip', f'{_PEER} (host reads by design)')
        for n in ('PeerSINGD', )},
-    # 6 non-finite input: optimizers without the skeleton's guard
-    **{(n, 'nonfinite_grad'): ('xfail', 'issue 18: no non-finite gradient '
-                               'guard (README: AdaFisher and SGD-PH do not '
-                               'take the reliability keywords); found by this '
-                               'suite, not fixed yet')
-       for n in ('AdaFisher', 'AdaFisherW', 'SGD_PH')},
+    # 6 non-finite input
     **{(n, c): ('skip', f'{_PEER}: no non-finite handling of its own')
        for n in ('PeerSINGD', 'PeerSOAP', 'PeerShampoo')
        for c in ('nonfinite_grad', 'nonfinite_factor')},
