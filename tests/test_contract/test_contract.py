@@ -98,13 +98,21 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
                        'row subset raises a shape error (found by this suite)')
        for c in ('ddp', 'resume', 'host_reads', 'nonfinite_grad',
                  'nonfinite_factor', 'checkpoint', 'defaults')},
-    **{(n, 'ddp'): ('xfail', 'found by this suite, not diagnosed: one conv '
-                    'weight entry 1.6e-4 away from one process after 4 steps')
-       for n in ('AdaFisher', 'AdaFisherW')},
-    **{(n, 'amp_scale'): ('xfail', 'found by this suite, not diagnosed: a '
-                          'second fp16 overflow right after the injected one '
-                          '(scales 1024, 1024, 512, 256 instead of ... 512)')
-       for n in ('AdaFisher', 'AdaFisherW')},
+    # AdaFisher(W) at the suite's lr 5e-2 (diagnosed, issue 18): with the
+    # released statistics rule F is about damping = 1e-3, so the step is
+    # lr / damping = 50x the momentum, SGD at lr 50.  Measured on this
+    # suite's Net, 4 steps: the largest parameter reaches 1.4e4; DDP vs one
+    # process differ by 2e-2 abs on such entries (fp32 round-off of the
+    # all-reduce, amplified), and the fp16 forward overflows a second time
+    # (scales 1024, 1024, 512, 256).  At lr 5e-3 (step lr / damping = 5)
+    # the same runs give |param| <= 1.5, DDP within 3.6e-7 of one process
+    # and exactly the bare scaler's scales, for both optimizers.  Not a
+    # defect of the DDP / AMP paths; the suite's one lr is outside
+    # AdaFisher's range.  DDP at its own lr: test_ddp_extra_optimizers.py.
+    **{(n, c): ('skip', 'the suite lr 5e-2 is SGD at lr 50 for AdaFisher '
+                '(step lr / damping); parameters reach 1.4e4 in 4 steps '
+                '(measured); at lr 5e-3 this case passes (see comment)')
+       for n in ('AdaFisher', 'AdaFisherW') for c in ('ddp', 'amp_scale')},
     ('AdamR', 'ddp'): ('xfail', 'found by this suite: 1.6e-2 from one process '
                        'after 4 steps; likely the eigenbasis of the aux '
                        "layer's rank-deficient factor (2 rows), which "
