@@ -129,6 +129,7 @@ class AdaFisher(Optimizer):
         self.fallbacks = FallbackLog(type(self).__name__)
         self.layer_state: Dict[str, Dict[str, Tensor]] = {}
         self._fisher: Dict[Tensor, Tensor] = {}
+        self._ok: Optional[Tensor] = None
         self.layers = self._select_layers(model)
         self.capture = DiagonalCapture(self.layers)
         self.capture.active = True
@@ -237,6 +238,9 @@ class AdaFisher(Optimizer):
         finite = torch.isfinite(new).all()
         if has is not None:
             finite = finite & has
+        ok = getattr(self, '_ok', None)
+        if ok is not None:  # a skipped step folds nothing
+            finite = finite & ok
         new = torch.where(finite, new, torch.zeros_like(new))
         if self.statistics == 'code':
             prev = torch.ones_like(new) if old is None else old
@@ -266,7 +270,8 @@ class AdaFisher(Optimizer):
             st['H'] = self._fold(st.get('H'), h, seen, has)
             st['S'] = self._fold(st.get('S'), s, seen, has)
             if seen is not None:
-                st['seen'] = seen | has
+                ok = getattr(self, '_ok', None)
+                st['seen'] = seen | (has if ok is None else has & ok)
             self._build_fisher(name)
 
     def _build_fisher(self, name: str) -> None:
@@ -302,14 +307,38 @@ class AdaFisher(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._ok = self._gradients_finite()
         if self.steps % self.stat_interval == 0:
             self.update_statistics()
         self.capture.clear()
         self.steps += 1
         for group in self.param_groups:
             self._group_step(group)
+        self._ok = None
         self.capture.active = self.steps % self.stat_interval == 0
         return loss
+
+    def _gradients_finite(self) -> Optional[Tensor]:
+        """Device flag: every gradient is finite (``None``: no gradients).
+
+        A step with a NaN / Inf gradient entry leaves the parameters, the
+        momentum and the Fisher diagonals as they were (chosen with
+        ``torch.where``, no host read) and is counted under
+        ``'nonfinite_gradient_skipped'``; only the step counter (a host
+        int) advances.
+        """
+        grads = [p.grad for g in self.param_groups for p in g['params']
+                 if p.grad is not None and not p.grad.is_sparse]
+        if not grads:
+            return None
+        norms = torch._foreach_norm(grads)
+        dev = norms[0].device
+        ok = torch.isfinite(torch.stack([n.to(dev) for n in norms])).all()
+        self.fallbacks.record_flags(
+            'nonfinite_gradient_skipped', ok.logical_not().reshape(1), ['step'],
+            'non-finite gradient: the step was skipped (weights, momentum and '
+            'Fisher diagonals unchanged)')
+        return ok
 
     def _group_step(self, group: Dict[str, Any]) -> None:
         lr, beta, wd = group['lr'], group['beta'], group['weight_decay']
@@ -330,19 +359,30 @@ class AdaFisher(Optimizer):
             return
         if wd != 0 and not self.decoupled:
             grads = torch._foreach_add(grads, params, alpha=wd)
+        ok = getattr(self, '_ok', None)
+        targets = params
+        if ok is not None:  # work on copies; kept only where ok (no read)
+            olds = moms
+            moms = [m.clone() for m in moms]
+            targets = [p.clone() for p in params]
         torch._foreach_lerp_(moms, grads, 1 - beta)
         bc = 1 - beta**self.steps
-        with_f = [(p, m, self._fisher[p]) for p, m in zip(params, moms)
-                  if p in self._fisher]
-        plain = [(p, m) for p, m in zip(params, moms) if p not in self._fisher]
+        with_f = [(q, m, self._fisher[p])
+                  for p, q, m in zip(params, targets, moms) if p in self._fisher]
+        plain = [(q, m) for p, q, m in zip(params, targets, moms)
+                 if p not in self._fisher]
         if wd != 0 and self.decoupled:
-            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_mul_(targets, 1 - lr * wd)
         if with_f:
             ps, ms, fs = zip(*with_f)
             torch._foreach_addcdiv_(list(ps), list(ms), list(fs), value=-lr / bc)
         if plain:
             ps, ms = zip(*plain)
             torch._foreach_add_(list(ps), list(ms), alpha=-lr / bc)
+        if ok is not None:
+            for p, q, old, m in zip(params, targets, olds, moms):
+                p.copy_(torch.where(ok, q, p))
+                old.copy_(torch.where(ok, m, old))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

@@ -292,7 +292,9 @@ class KBFGS(PrecondOptimizer):
             self._set_modes()
             return loss
         loss = super().step(closure)
-        if self.is_curvature_step(t):
+        if self.is_curvature_step(t) and self.layers:
+            # with every layer excluded there is no curvature to update and
+            # no second pass to ask for: the step is the plain base update
             self._update_h_a(self.secant.take())
             self.needs_second_pass = True
         self._set_modes()
@@ -548,6 +550,9 @@ class KBFGS(PrecondOptimizer):
                     self._first = {}
                     return
                 weights = [m.weight for m in self.layers.values()]
+                if not weights:  # every layer excluded: nothing to update
+                    self._first = {}
+                    return
                 torch.autograd.grad(loss, weights, allow_unused=True)
         finally:
             self._set_modes()

@@ -364,11 +364,69 @@ class SGD_PH(Optimizer):
         ph.clear()
         h, valid = (None, None) if out is None else out
         with torch.no_grad():
+            ok = self._gradients_finite()
+            if h is not None:
+                # a non-finite Hessian row sum is not folded either
+                finite = torch.isfinite(h).all()
+                self.fallbacks.record_flags(
+                    'nonfinite_hessian', finite.logical_not().reshape(1),
+                    ['hessian_diag'], 'non-finite Hessian row sums were not '
+                    'folded')
+                good = finite if ok is None else finite & ok
+                valid = good if valid is None else valid & good
+            before = self._snapshot() if ok is not None else None
             for group in self.param_groups:
                 self._group_step(group, h, ph.params[k] if h is not None else None,
                                  len(ph.params), valid)
+            if before is not None:
+                self._keep_where(ok, before)
         ph.steps += 1
         return loss
+
+    def _gradients_finite(self) -> Optional[Tensor]:
+        """Device flag: every gradient is finite (``None``: no gradients).
+
+        A step with a NaN / Inf gradient entry leaves the parameters, the
+        momentum buffers and the Hessian diagonals as they were (chosen
+        with ``torch.where`` after the step, no host read) and is counted
+        under ``'nonfinite_gradient_skipped'``; only the round-robin step
+        counter (a host int) advances.
+        """
+        grads = [p.grad for g in self.param_groups for p in g['params']
+                 if p.grad is not None and not p.grad.is_sparse]
+        if not grads:
+            return None
+        norms = torch._foreach_norm(grads)
+        dev = norms[0].device
+        ok = torch.isfinite(torch.stack([n.to(dev) for n in norms])).all()
+        self.fallbacks.record_flags(
+            'nonfinite_gradient_skipped', ok.logical_not().reshape(1), ['step'],
+            'non-finite gradient: the step was skipped (weights, momentum and '
+            'Hessian diagonals unchanged)')
+        return ok
+
+    def _snapshot(self) -> List[Tuple[Tensor, Tensor, Dict[str, Tensor]]]:
+        """Copies of every stepped parameter and its state tensors."""
+        return [(p, p.detach().clone(),
+                 {k: v.clone() for k, v in self.state[p].items()
+                  if isinstance(v, Tensor)} if p in self.state else {})
+                for g in self.param_groups for p in g['params']
+                if p.grad is not None]
+
+    def _keep_where(self, ok: Tensor,
+                    before: List[Tuple[Tensor, Tensor, Dict[str, Tensor]]]
+                    ) -> None:
+        """Undo this step where ``ok`` is false (a state tensor the step
+        created becomes zeros, which every update here starts from)."""
+        for p, old_p, old_st in before:
+            p.copy_(torch.where(ok, p, old_p))
+            st = self.state.get(p, {})
+            for key, v in st.items():
+                if not isinstance(v, Tensor):
+                    continue
+                old = old_st.get(key)
+                st[key] = torch.where(ok, v,
+                                      torch.zeros_like(v) if old is None else old)
 
     def _group_step(self, group: Dict[str, Any], h: Optional[Tensor],
                     hp: Optional[Tensor], num_ph: int,

@@ -80,16 +80,23 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
                            'without decay it equals SGD to 1e-5 '
                            '(test_tnt.py::test_degenerate_equals_sgd_momentum)')
        for n in ('TNT', 'TNT_EF')},
-    **{(n, 'degenerate'): ('xfail', 'issue 18: with every layer excluded '
-                           '(max_factor_dim=1) second_pass calls '
-                           'torch.autograd.grad with no inputs (RuntimeError); '
-                           'found by this suite, not fixed yet')
+    **{(n, 'degenerate'): ('skip', 'K-BFGS decays outside the momentum '
+                           '(W -= lr (p + wd W), thesis Alg. 9/10), unlike '
+                           "torch's SGD: with weight_decay=1e-3 it differs "
+                           '(1.7e-4 abs, 3 % relative after 6 steps, '
+                           'measured); without decay and damping 1 it equals '
+                           'SGD bit for bit with every layer excluded '
+                           '(test_kbfgs.py::test_every_layer_excluded_is_sgd_'
+                           'past_curvature_steps)')
        for n in ('KBFGS', 'KBFGS_L')},
-    # TNT / TNT_EF at the suite's short intervals (statistics every step,
-    # refresh every second one, lr 5e-2): loss 1.5 -> 1.8e3 -> 6e12 -> NaN
-    **{(n, c): ('xfail', f'issue 18: TNT blow-up / NaN in state, {_DEFECT_A}')
-       for n in ('TNT', 'TNT_EF')
-       for c in ('resume', 'nonfinite_grad', 'nonfinite_factor')},
+    # TNT draws its labels at random: one process and two ranks (each its
+    # own draw for its own rows) build different sampled Fishers; measured
+    # 0.18 abs after 4 steps, ranks equal to each other.  TNT_EF (no
+    # sampling) takes the case.
+    ('TNT', 'ddp'): ('skip', 'sampled labels are random draws per rank, so '
+                     'two ranks do not draw what one process draws on the '
+                     'concatenated batch (0.18 abs after 4 steps, measured); '
+                     'TNT_EF takes this case'),
     # SMW_NG (issue 22) keeps one captured row block per sample of the
     # curvature subset; the contract model's aux layer sees a row subset
     # (zero rows on rank 1), and the Gram/Jg shapes then disagree
@@ -99,16 +106,21 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
                        'row subset raises a shape error (found by this suite)')
        for c in ('ddp', 'resume', 'host_reads', 'nonfinite_grad',
                  'nonfinite_factor', 'checkpoint', 'defaults')},
-    **{(n, c): ('xfail', f'issue 18: TNT blow-up on the short schedule '
-                f'(parameters reach 1e25, extra overflows), {_DEFECT_A}')
-       for n in ('TNT', 'TNT_EF') for c in ('ddp', 'amp_scale')},
-    **{(n, 'ddp'): ('xfail', 'found by this suite, not diagnosed: one conv '
-                    'weight entry 1.6e-4 away from one process after 4 steps')
-       for n in ('AdaFisher', 'AdaFisherW')},
-    **{(n, 'amp_scale'): ('xfail', 'found by this suite, not diagnosed: a '
-                          'second fp16 overflow right after the injected one '
-                          '(scales 1024, 1024, 512, 256 instead of ... 512)')
-       for n in ('AdaFisher', 'AdaFisherW')},
+    # AdaFisher(W) at the suite's lr 5e-2 (diagnosed, issue 18): with the
+    # released statistics rule F is about damping = 1e-3, so the step is
+    # lr / damping = 50x the momentum, SGD at lr 50.  Measured on this
+    # suite's Net, 4 steps: the largest parameter reaches 1.4e4; DDP vs one
+    # process differ by 2e-2 abs on such entries (fp32 round-off of the
+    # all-reduce, amplified), and the fp16 forward overflows a second time
+    # (scales 1024, 1024, 512, 256).  At lr 5e-3 (step lr / damping = 5)
+    # the same runs give |param| <= 1.5, DDP within 3.6e-7 of one process
+    # and exactly the bare scaler's scales, for both optimizers.  Not a
+    # defect of the DDP / AMP paths; the suite's one lr is outside
+    # AdaFisher's range.  DDP at its own lr: test_ddp_extra_optimizers.py.
+    **{(n, c): ('skip', 'the suite lr 5e-2 is SGD at lr 50 for AdaFisher '
+                '(step lr / damping); parameters reach 1.4e4 in 4 steps '
+                '(measured); at lr 5e-3 this case passes (see comment)')
+       for n in ('AdaFisher', 'AdaFisherW') for c in ('ddp', 'amp_scale')},
     ('AdamR', 'ddp'): ('xfail', 'found by this suite: 1.6e-2 from one process '
                        'after 4 steps; likely the eigenbasis of the aux '
                        "layer's rank-deficient factor (2 rows), which "
@@ -118,12 +130,7 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
     # 5 host reads: the peers' own code reads the device
     **{(n, 'host_reads'): ('skip', f'{_PEER} (host reads by design)')
        for n in ('PeerSINGD', )},
-    # 6 non-finite input: optimizers without the skeleton's guard
-    **{(n, 'nonfinite_grad'): ('xfail', 'issue 18: no non-finite gradient '
-                               'guard (README: AdaFisher and SGD-PH do not '
-                               'take the reliability keywords); found by this '
-                               'suite, not fixed yet')
-       for n in ('AdaFisher', 'AdaFisherW', 'SGD_PH')},
+    # 6 non-finite input
     **{(n, c): ('skip', f'{_PEER}: no non-finite handling of its own')
        for n in ('PeerSINGD', 'PeerSOAP', 'PeerShampoo')
        for c in ('nonfinite_grad', 'nonfinite_factor')},

@@ -122,3 +122,45 @@ def test_invalid_arguments():
         AdaFisher(m.parameters(), model=m, statistics='both')
     with pytest.raises(TypeError, match='PrecondOptimWrapperConstructor'):
         AdaFisher(m.parameters())
+
+
+@pytest.mark.parametrize('cls', [AdaFisher, AdaFisherW])
+def test_nonfinite_gradient_skips_step_on_device(cls):
+    """Issue 18: a NaN / Inf gradient entry on a statistics step leaves the
+    weights, the momentum and the Fisher diagonals as they were; counted,
+    and the step reads no device value."""
+    from mmprecond.profiling import DispatchCounter, counter_tensors
+
+    model = tiny_net()
+    opt = cls(model.parameters(), model=model, lr=1e-3, weight_decay=0.1,
+              stat_interval=1)
+    data = batches(4)
+    run(model, opt, data[:3])
+    before = {k: v.clone() for k, v in _tensors(opt.state_dict()).items()}
+    params = [p.detach().clone() for p in model.parameters()]
+    x, y = data[3]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[3].weight.grad.view(-1)[0] = float('nan')
+    model[6].bias.grad[-1] = float('inf')
+    with DispatchCounter(counter_tensors(opt)) as counter:
+        opt.step()
+    assert counter.host_reads == 0
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    after = _tensors(opt.state_dict())
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert opt.fallbacks.counts['nonfinite_gradient_skipped'] == 1
+    run(model, opt, data[:1])  # and it trains on
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _tensors(obj, prefix=''):
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items()
+                for k, v in _tensors(val, f'{prefix}/{key}').items()}
+    return {}

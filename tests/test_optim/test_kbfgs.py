@@ -49,6 +49,26 @@ def test_degenerate_equals_sgd_momentum():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('cls', [KBFGS, KBFGS_L])
+def test_every_layer_excluded_is_sgd_past_curvature_steps(cls):
+    """max_factor_dim=1 leaves no layer to precondition: the curvature
+    steps (every 2nd here) ask for no second pass and do nothing, and with
+    damping 1 and no decay every step is torch SGD(lr, momentum) bit for
+    bit (issue 18: the second pass called autograd.grad with no inputs)."""
+    x, y = quadrant_task()
+    ref = small_cnn()
+    model = copy.deepcopy(ref)
+    opt = cls(model.parameters(), model=model, lr=0.05, damping=1.0,
+              momentum=0.9, curvature_interval=2, max_factor_dim=1)
+    assert opt.layers == {}
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    _train(model, opt, x, y, 6)
+    _train(ref, sgd, x, y, 6)
+    assert not opt.needs_second_pass
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_h_a_update_is_hessian_action_bfgs():
     """After a curvature step on one Linear layer, H_A equals the BFGS
     update with s = H_A a-bar, y = (A~ + lambda_A I) s, A~ the minibatch

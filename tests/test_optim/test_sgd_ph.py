@@ -153,3 +153,34 @@ def test_loss_decreases():
     assert_loss_halves(model, opt, *batches(1, size=32)[0], create_graph=True)
     assert all(opt.state[p]['hessian_diag'].gt(0).all()
                for p in opt.partial_hessian.params)
+
+
+def test_nonfinite_gradient_skips_step_on_device():
+    """Issue 18: a NaN / Inf gradient entry leaves the weights, momentum
+    buffers and Hessian diagonals as they were (the BN weight's Hessian turn
+    included); counted, and the step reads no device value."""
+    from mmprecond.profiling import DispatchCounter, counter_tensors
+
+    model = norm_net()
+    opt = SGD_PH(model.parameters(), model=model, lr=0.05, weight_decay=1e-3)
+    data = batches(4)
+    run(model, opt, data[:2])  # both BN tensors had their Hessian turn
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()}
+             for p in model.parameters()}
+    x, y = data[2]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward(create_graph=True)
+    with torch.no_grad():
+        model[1].weight.grad[0] = float('nan')
+        model[4].weight.grad[0, -1] = float('inf')
+    with DispatchCounter(counter_tensors(opt)) as counter:
+        opt.step()
+    assert counter.host_reads == 0
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+        for k, v in state[id(p)].items():
+            assert torch.equal(opt.state[p][k], v), k
+    assert opt.fallbacks.counts['nonfinite_gradient_skipped'] == 1
+    run(model, opt, data[3:])  # and it trains on
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -11,10 +11,6 @@ pytestmark = pytest.mark.slow
 CONFIG = REPO_ROOT / 'configs' / 'tnt' / 'faster-rcnn_r18-tiny_fpn_tnt-ef_synthetic.py'
 
 
-# strict: the TNT_EF damping fix of issue 18 turns this into a failure
-@pytest.mark.xfail(strict=True, reason=(
-    'issue 18: TNT_EF blow-up (the damping does not hold the step as the '
-    'empirical Fisher vanishes); loss 1.93 -> 1.97, not < 0.8x'))
 def test_tnt_ef_config_trains_faster_rcnn(tiny_coco, tmp_path):
     """The shipped TNT-EF detection config (warm start by WarmStartHook, then
     refreshes every 10 iterations here): loss falls, every parameter tensor
