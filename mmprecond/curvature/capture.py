@@ -50,9 +50,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Elements of one im2col chunk (fp32): bounds the extra memory of a conv's
-#: statistics to about 256 MB whatever the feature-map size.
-IM2COL_CHUNK_ELEMENTS = 1 << 26
+#: Entries of one im2col chunk (fp32): bounds the extra memory of a conv's
+#: input statistic to about 128 MiB (plus the Gram matrix and one band of
+#: input rows) whatever the feature-map size; a sample larger than this is
+#: unfolded a band of output rows at a time.
+IM2COL_CHUNK_ELEMENTS = 1 << 25
 
 
 def supported_reason(module: nn.Module) -> Optional[str]:
@@ -103,57 +105,125 @@ def split_gradient_matrix(module: nn.Module,
     return g[:, :-1].reshape(weight.shape), g[:, -1].reshape(module.bias.shape)
 
 
-def _conv_padding(module: nn.Conv2d) -> Tuple[int, int]:
+def _conv_padding(module: nn.Conv2d) -> Tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` zero padding of a conv's input.
+
+    ``'same'`` (stride 1 only in torch) pads ``d (k - 1)`` in total per
+    axis, the odd element going to the bottom / right, as torch does.
+    """
     pad = module.padding
     if isinstance(pad, str):
         if pad == 'valid':
-            return 0, 0
-        # 'same' (stride 1 only in torch): total padding d*(k-1), split so
-        # that the extra element goes to the right/bottom, as torch does.
-        raise ValueError('padding="same" is handled by _same_pad')
-    return int(pad[0]), int(pad[1])
+            return 0, 0, 0, 0
+        kh, kw = module.kernel_size
+        dh, dw = module.dilation
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return th // 2, th - th // 2, tw // 2, tw - tw // 2
+    ph, pw = int(pad[0]), int(pad[1])
+    return ph, ph, pw, pw
 
 
-def input_rows_gram(module: nn.Module, x: Tensor) -> Tuple[Tensor, int]:
+def _conv_input_gram(module: nn.Conv2d, x: Tensor, has_bias: bool,
+                     chunk_elements: int) -> Tuple[Tensor, int]:
+    """``X^T X`` of a conv's patch rows, unfolded a bounded slice at a time.
+
+    A chunk is a run of whole samples when one sample's patch matrix fits in
+    ``chunk_elements`` entries, otherwise a band of output rows of one
+    sample: the input rows that band reads (its receptive field, so bands
+    overlap by ``d (k - 1) + 1 - s`` input rows) are cut out and zero-padded
+    explicitly, and unfolded without padding.  Every patch is unfolded
+    exactly once, so the sum is that of the whole patch matrix; the extra
+    memory is one chunk plus its input band.  The ``(C k k, L)`` layout of
+    ``F.unfold`` is multiplied as is (``cols @ cols.T``), without the
+    transposed copy into rows.
+    """
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    dh, dw = module.dilation
+    top, bottom, left, right = _conv_padding(module)
+    n, c, h, w = x.shape
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    out_h = (h + top + bottom - span_h) // sh + 1
+    out_w = (w + left + right - span_w) // sw + 1
+    k = c * kh * kw
+    d = k + (1 if has_bias else 0)
+    if n == 0 or out_h <= 0 or out_w <= 0:
+        return x.new_zeros((d, d), dtype=torch.float32), 0
+    per_row = k * out_w  # unfolded entries of one output row of one sample
+    per_sample = per_row * out_h
+    if per_sample <= chunk_elements:
+        spans = [(b, min(b + max(1, chunk_elements // per_sample), n), 0, out_h)
+                 for b in range(0, n, max(1, chunk_elements // per_sample))]
+    else:
+        band = max(1, chunk_elements // per_row)
+        spans = [(b, b + 1, r, min(r + band, out_h)) for b in range(n)
+                 for r in range(0, out_h, band)]
+    gram = x.new_zeros((k, k), dtype=torch.float32)
+    col_sum = x.new_zeros((k, ), dtype=torch.float32) if has_bias else None
+    for b0, b1, r0, r1 in spans:
+        # input rows read by output rows r0..r1-1, in padded coordinates
+        lo = r0 * sh - top
+        hi = (r1 - 1) * sh - top + span_h
+        part = x[b0:b1, :, max(lo, 0):min(hi, h)].float()
+        pads = (left, right, max(0, -lo), max(0, hi - h))
+        if any(pads):
+            part = F.pad(part, pads)
+        cols = F.unfold(part, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+        del part
+        _add_patch_gram_(gram, col_sum, cols)
+        del cols  # freed before the next chunk is unfolded
+    rows = n * out_h * out_w
+    if not has_bias:
+        return gram, rows
+    out = gram.new_empty((d, d))
+    out[:-1, :-1] = gram
+    out[:-1, -1] = col_sum
+    out[-1, :-1] = col_sum
+    out[-1, -1].fill_(rows)  # a kernel argument, no host-to-device copy
+    return out, rows
+
+
+def _add_patch_gram_(gram: Tensor, col_sum: Optional[Tensor],
+                     cols: Tensor) -> None:
+    """``gram += sum_b cols[b] cols[b]^T`` (and the column sums) in place.
+
+    A function of its own so that no loop variable keeps a view of ``cols``
+    (and its whole chunk) alive after the caller drops it.
+    """
+    k = cols.shape[1]
+    if len(cols) > 1 and k <= cols.shape[2]:  # (b, k, k) is within the chunk
+        gram += torch.bmm(cols, cols.transpose(1, 2)).sum(0)
+    else:
+        for sample in cols:  # (C k k, L) times its transposed view: no copy
+            gram.addmm_(sample, sample.T)
+    if col_sum is not None:
+        col_sum += cols.sum((0, 2))
+
+
+def input_rows_gram(module: nn.Module, x: Tensor,
+                    chunk_elements: Optional[int] = None) -> Tuple[Tensor, int]:
     """``(X^T X, n_rows)`` of a layer input, computed in fp32 in chunks.
 
     Linear: every leading index is a row.  Conv2d: every output position of
     every sample is a row holding the (dilated, strided, zero-padded) patch,
-    column order matching ``weight.view(C_out, -1)``.
+    column order matching ``weight.view(C_out, -1)``; the patches are
+    unfolded at most ``chunk_elements`` entries at a time (default
+    :data:`IM2COL_CHUNK_ELEMENTS`), within a sample if need be.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> conv = nn.Conv2d(2, 3, 3, padding=1)
+        >>> gram, rows = input_rows_gram(conv, torch.randn(1, 2, 4, 4))
+        >>> tuple(gram.shape), rows
+        ((19, 19), 16)
     """
     has_bias = module.bias is not None
     x = x.detach()
     if isinstance(module, nn.Conv2d):
         if x.dim() == 3:  # unbatched input
             x = x.unsqueeze(0)
-        if isinstance(module.padding, str) and module.padding == 'same':
-            kh, kw = module.kernel_size
-            dh, dw = module.dilation
-            th, tw = dh * (kh - 1), dw * (kw - 1)
-            x = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
-            padding = (0, 0)
-        else:
-            padding = _conv_padding(module)
-        n = x.shape[0]
-        per_sample = x[0].numel() * module.kernel_size[0] * module.kernel_size[1]
-        chunk = max(1, IM2COL_CHUNK_ELEMENTS // max(per_sample, 1))
-        gram = None
-        rows = 0
-        for start in range(0, n, chunk):
-            cols = F.unfold(
-                x[start:start + chunk].float(),
-                module.kernel_size,
-                dilation=module.dilation,
-                padding=padding,
-                stride=module.stride)  # (b, C k k, L)
-            part = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-            part_gram, part_rows = _gram_with_bias(part, has_bias)
-            gram = part_gram if gram is None else gram + part_gram
-            rows += part_rows
-        if gram is None:
-            d = factor_dims(module)[1]
-            gram = x.new_zeros((d, d), dtype=torch.float32)
-        return gram, rows
+        limit = IM2COL_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+        return _conv_input_gram(module, x, has_bias, max(1, int(limit)))
     rows_mat = x.reshape(-1, x.shape[-1]).float()
     return _gram_with_bias(rows_mat, has_bias)
 

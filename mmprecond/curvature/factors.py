@@ -29,9 +29,15 @@ class BatchStatistics:
         xx (Tensor, optional): ``E[x x^T]`` over the input rows.
         gg (Tensor, optional): ``sum Delta^T Delta`` over the output rows,
             divided by the squared AMP loss scale.
+        xx_present (Tensor, optional): Device flag, ``False`` where no rank
+            had input rows (``xx`` is then a zero placeholder that must not
+            be folded); ``None`` when the host knows the statistic exists.
+        gg_present (Tensor, optional): The same for ``gg``.
     """
     xx: Optional[Tensor] = None
     gg: Optional[Tensor] = None
+    xx_present: Optional[Tensor] = None
+    gg_present: Optional[Tensor] = None
 
 
 def batch_statistics(buf: StatBuffer, grad_scale: float = 1.0) -> BatchStatistics:
@@ -55,29 +61,74 @@ def batch_statistics(buf: StatBuffer, grad_scale: float = 1.0) -> BatchStatistic
 
 
 def batched_statistics(buffers: Dict[str, StatBuffer],
-                       grad_scale: Union[float, Tensor] = 1.0
-                       ) -> Dict[str, BatchStatistics]:
+                       grad_scale: Union[float, Tensor] = 1.0,
+                       rows: Optional[Tensor] = None,
+                       present: Optional[Tensor] = None,
+                       inplace: bool = False) -> Dict[str, BatchStatistics]:
     """:func:`batch_statistics` of many layers, with batched kernels.
 
     The means ``X^T X / rows`` of all layers take one foreach division and
     the loss-scale correction of all ``Delta^T Delta`` another; nothing is
     read from the device, so non-finite values pass through (fold them with
     :func:`ema_fold`, which substitutes them on the device).
+
+    Args:
+        buffers (dict[str, StatBuffer]): The layers' sums.
+        grad_scale (float | Tensor): Loss scale (``Delta^T Delta`` is divided
+            by its square).
+        rows (Tensor, optional): Row counts on the device, ``[x_0, g_0, x_1,
+            g_1, ...]`` in the order of ``buffers`` (e.g. summed over
+            ranks); ``X^T X`` is then divided by ``max(x_i, 1)`` and every
+            formed sum is returned, whatever the host-side counts say.
+        present (Tensor, optional): Device flags of the same layout, stored
+            as each statistic's ``*_present``; with it too every formed sum
+            is returned (the host-side counts still divide ``X^T X`` unless
+            ``rows`` is given).
+        inplace (bool): Divide the buffers' sums in place (the buffers then
+            hold the statistics) instead of allocating a copy of them.
+
+    Example:
+        >>> import torch
+        >>> buf = StatBuffer(xx=torch.full((2, 2), 6.0), x_rows=3)
+        >>> float(batched_statistics({'fc': buf})['fc'].xx[0, 0])
+        2.0
     """
     out = {name: BatchStatistics() for name in buffers}
-    xs = [(n, b) for n, b in buffers.items() if b.xx is not None and b.x_rows > 0]
+    device_counts = rows is not None or present is not None
+    xs, gs = [], []
+    for i, (name, b) in enumerate(buffers.items()):
+        if b.xx is not None and (device_counts or b.x_rows > 0):
+            xs.append((i, name, b))
+        if b.gg is not None and (device_counts or b.g_rows > 0):
+            gs.append((i, name, b))
     if xs:
-        means = torch._foreach_div([b.xx for _, b in xs],
-                                   [float(b.x_rows) for _, b in xs])
-        for (name, _), xx in zip(xs, means):
+        sums = [b.xx for _, _, b in xs]
+        if rows is not None:
+            counts = rows.clamp_min(1).to(sums[0].dtype)
+            divisors = [counts[2 * i] for i, _, _ in xs]
+        else:
+            divisors = [float(max(b.x_rows, 1)) for _, _, b in xs]
+        if inplace:
+            torch._foreach_div_(sums, divisors)
+            means = sums
+        else:
+            means = torch._foreach_div(sums, divisors)
+        for (i, name, _), xx in zip(xs, means):
             out[name].xx = xx
-    gs = [(n, b) for n, b in buffers.items() if b.gg is not None and b.g_rows > 0]
+            if present is not None:
+                out[name].xx_present = present[2 * i]
     if gs:
-        ggs = [b.gg for _, b in gs]
+        ggs = [b.gg for _, _, b in gs]
         if not (isinstance(grad_scale, (int, float)) and grad_scale == 1):
-            ggs = torch._foreach_div(ggs, grad_scale * grad_scale)
-        for (name, _), gg in zip(gs, ggs):
+            square = grad_scale * grad_scale
+            if inplace:
+                torch._foreach_div_(ggs, square)
+            else:
+                ggs = torch._foreach_div(ggs, square)
+        for (i, name, _), gg in zip(gs, ggs):
             out[name].gg = gg
+            if present is not None:
+                out[name].gg_present = present[2 * i + 1]
     return out
 
 
@@ -144,7 +195,9 @@ def ema_fold(running: List[Optional[Tensor]], new: List[Tensor], decay: float,
 def fold_statistics_(running: List[Optional[Tensor]], new: List[Tensor],
                      weight: Union[float, Sequence[float]],
                      normalize: bool = False,
-                     eps: float = 1e-12) -> Tuple[List[Tensor], Tensor]:
+                     eps: float = 1e-12,
+                     present: Optional[Tensor] = None,
+                     reuse_new: bool = False) -> Tuple[List[Tensor], Tensor]:
     """``running <- running + w (new - running)`` for many pairs, on the device.
 
     The common core of :func:`ema_fold` (``w = 1 - decay``) and of running
@@ -153,6 +206,12 @@ def fold_statistics_(running: List[Optional[Tensor]], new: List[Tensor],
     (tested and substituted on the device), and the flags of the folded
     pairs are returned.
 
+    The difference ``new - running`` is formed once and zeroed where a pair
+    is not folded (``masked_fill_``), which is exactly what substituting
+    ``running`` for ``new`` gives; with ``reuse_new`` it is formed in the
+    storage of ``new`` itself, so the fold allocates no copy of the
+    statistics at all.
+
     Args:
         running (list[Tensor | None]): Running factors (updated in place).
         new (list[Tensor]): Statistics, same shapes, all on one device.
@@ -160,6 +219,10 @@ def fold_statistics_(running: List[Optional[Tensor]], new: List[Tensor],
             pairs or one per pair.
         normalize (bool): Frobenius-normalise ``new`` first.
         eps (float): Added to the norm.
+        present (Tensor, optional): Device flags, one per pair; a pair whose
+            flag is ``False`` (a statistic no rank had rows for) is left
+            unchanged without counting as non-finite.
+        reuse_new (bool): Overwrite ``new`` (the caller's scratch).
 
     Returns:
         tuple[list[Tensor], Tensor]: The running factors and the boolean
@@ -167,16 +230,26 @@ def fold_statistics_(running: List[Optional[Tensor]], new: List[Tensor],
     """
     norms = torch._foreach_norm(new)
     ok = torch.isfinite(torch.stack(norms))
-    if normalize:
-        new = torch._foreach_div(new, torch._foreach_add(norms, eps))
+    skip = ok.logical_not() if present is None else (ok & present).logical_not_()
     running = [torch.zeros_like(n) if r is None else r
                for r, n in zip(running, new)]
-    # a non-finite statistic is replaced by the running value, which the
-    # interpolation then leaves exactly unchanged
-    safe = [torch.where(f, n, r) for f, n, r in zip(ok.unbind(), new, running)]
+    if normalize:
+        denom = torch._foreach_add(norms, eps)
+        if reuse_new:
+            torch._foreach_div_(new, denom)
+        else:
+            new = torch._foreach_div(new, denom)
+        reuse_new = True  # a fresh scratch now
     # ``running.add_(new - running, alpha=w)``, the arithmetic of
     # :func:`ema_update` / :func:`mean_update`, one foreach add per weight
-    diff = torch._foreach_sub(safe, running)
+    if reuse_new:
+        torch._foreach_sub_(new, running)
+        diff = list(new)
+    else:
+        diff = torch._foreach_sub(new, running)
+    # a pair left out gets a zero difference: running + w * 0 == running
+    for d, s in zip(diff, skip.unbind()):
+        d.masked_fill_(s, 0.0)
     weights = ([float(weight)] * len(running) if isinstance(weight, (int, float))
                else [float(w) for w in weight])
     by_weight: Dict[float, List[int]] = {}

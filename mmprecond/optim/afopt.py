@@ -34,7 +34,7 @@ from ..curvature.attention import (
 )
 from ..curvature.capture import input_rows_gram
 from ..curvature.factors import BatchStatistics
-from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
+from ..distributed import all_reduce_sum_, world_size
 from .defaults import adamw_defaults, sgdm_defaults
 from .fsgd import DEFAULT_MAX_FACTOR_DIM, FeatureDescent
 
@@ -271,11 +271,14 @@ class AttentionFeatureDescent(FeatureDescent):
         self.tap.clear()
 
     # ------------------------------------------------------------ statistics
-    def _reduce_sums(self) -> None:
+    def _reduce_sums(self) -> Tensor:
         """Sum every attention module's statistics over ranks (fixed order).
 
-        The token counts are host ints summed over a CPU group, so nothing
-        is read from the device.
+        The token counts travel as one int64 device tensor at the end of the
+        same all-reduce (no host-side collective, nothing read back).
+
+        Returns:
+            Tensor: The summed token count of each attention module.
         """
         tensors: List[Tensor] = []
         for name, (_, layout) in self.attention.items():
@@ -288,24 +291,29 @@ class AttentionFeatureDescent(FeatureDescent):
                 if getattr(s, key) is None:
                     setattr(s, key, torch.zeros(shape, device=dev))
                 tensors.append(getattr(s, key))
-        all_reduce_sum_(tensors)
-        rows = all_reduce_ints([self.attention_sums[n].rows for n in self.attention])
-        for name, total in zip(self.attention, rows):
-            self.attention_sums[name].rows = total
+        rows = self._device_counts(
+            [self.attention_sums[n].rows for n in self.attention])
+        all_reduce_sum_(tensors + [rows])
+        return rows
 
     def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
         super().update_statistics(stats, step)
-        if world_size() > 1:
-            self._reduce_sums()
-        items = []
-        for name in self.attention:
+        # under torch.distributed the summed counts stay on the device: every
+        # module is folded, with a presence flag where no rank had tokens
+        rows = (self._reduce_sums()
+                if world_size() > 1 and self.attention else None)
+        items, present = [], []
+        for i, name in enumerate(self.attention):
             s = self.attention_sums[name]
-            if s.rows == 0:
+            if rows is None and s.rows == 0:
                 continue
+            divisor = (float(s.rows) if rows is None else
+                       rows[i].clamp_min(1).to(s.xx.dtype))
             st = self.layer_state.setdefault(name, {})
             for key, total in dict(R=s.xx, LQ=s.lq, LK=s.lk, RV=s.vv).items():
-                items.append((st, key, f'{name}.{key}', total / s.rows))
-        self.fold_statistics(items, 1 - self.stat_decay)
+                items.append((st, key, f'{name}.{key}', total.div_(divisor)))
+                present.append(None if rows is None else rows[i] > 0)
+        self.fold_statistics(items, 1 - self.stat_decay, present=present)
         self._reset_sums()
 
     def _refresh_slots(self, step: int) -> List[Tuple[Dict[str, Tensor], str]]:

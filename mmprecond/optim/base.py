@@ -444,16 +444,86 @@ class PrecondOptimizer(Optimizer):
 
         Every rank issues the same bucketed all-reduce over all layers in
         the same order (zeros for a layer that did not run here), so a head
-        that saw no RoIs on some rank cannot deadlock the others.  Row
-        counts are host-side ints, summed over a CPU group
-        (:func:`~mmprecond.distributed.all_reduce_ints`), so no device value
-        is read.  With ``reduce_statistics='before_refresh'`` only the counts
-        are reduced here and the running factors later (see
-        :meth:`_reduce_running_factors`).
+        that saw no RoIs on some rank cannot deadlock the others.
+
+        With :attr:`checks_statistics_on_device` the row counts travel as
+        one int64 device tensor at the end of that all-reduce (one extra
+        bucket on the default group, no host-side collective), the means are
+        formed on the device, and a statistic no rank had rows for carries a
+        ``False`` ``*_present`` flag that :meth:`fold_statistics` obeys; the
+        sums are divided in place, so the capture's buffers become the
+        statistics (no copy).  With ``reduce_statistics='before_refresh'``
+        only the counts are reduced here: every rank folds a zero statistic
+        for a layer it did not run whenever some rank did (the presence flag
+        decides, on the device), and the running factors are averaged later
+        (see :meth:`_reduce_running_factors`).
+
+        Optimizers that check statistics on the host (they read the device
+        anyway) reduce the counts as host ints over a CPU group
+        (:func:`~mmprecond.distributed.all_reduce_ints`).
         """
         buffers = self.capture.buffers
         world = world_size()
         scale = self._loss_scale()
+        self._present_flags = {}
+        if not self.checks_statistics_on_device:
+            return self._host_checked_statistics(buffers, world, scale)
+        if world == 1:
+            return batched_statistics(buffers, scale, inplace=True)
+        every_step = self.reduce_statistics == 'every_step'
+        counts = self._device_counts([
+            r for name in self.layers
+            for r in (buffers[name].x_rows, buffers[name].g_rows)])
+        sums: List[Tensor] = []
+        for name in self.layers:
+            buf = buffers[name]
+            if every_step:
+                sums += self._zero_filled_sums(name)
+            else:  # a zero statistic where this rank has none (folded if
+                # some rank has rows, as the presence flag will say)
+                if buf.x_rows == 0:
+                    buf.xx = None
+                if buf.g_rows == 0:
+                    buf.gg = None
+                self._zero_filled_sums(name)
+                buf.x_rows, buf.g_rows = max(buf.x_rows, 1), max(buf.g_rows, 1)
+        all_reduce_sum_(sums + [counts])
+        present = counts > 0
+        if every_step:
+            # DDP averages gradients over ranks, so each rank's output
+            # gradients are ``world`` times their share of the averaged
+            # gradient: the summed Delta^T Delta is divided by world^2 to
+            # equal one process's statistic on the concatenated batch.
+            # Out of place: ``scale`` may be the GradScaler's own
+            # tensor, which an in-place product would corrupt.
+            scale = scale * world
+        ordered = {name: buffers[name] for name in self.layers}
+        stats = batched_statistics(ordered, scale,
+                                   rows=counts if every_step else None,
+                                   present=present, inplace=True)
+        for st in stats.values():
+            for t, flag in ((st.xx, st.xx_present), (st.gg, st.gg_present)):
+                if t is not None:
+                    self._present_flags[id(t)] = flag
+        return stats
+
+    def _device_counts(self, values: List[int]) -> Tensor:
+        """Host ints as an int64 tensor on the layers' device, without a sync.
+
+        A CUDA copy goes through pinned memory with ``non_blocking``, so the
+        host queues it instead of waiting for the stream.
+        """
+        dev = (next(iter(self.layers.values())).weight.device if self.layers
+               else torch.device('cpu'))
+        counts = torch.tensor(values, dtype=torch.int64)
+        if dev.type == 'cuda':
+            return counts.pin_memory().to(dev, non_blocking=True)
+        return counts.to(dev)
+
+    def _host_checked_statistics(self, buffers: Dict[str, Any], world: int,
+                                 scale: Union[float, Tensor]
+                                 ) -> Dict[str, BatchStatistics]:
+        """The statistics of optimizers that check finiteness on the host."""
         if world > 1:
             rows = all_reduce_ints([
                 r for name in self.layers
@@ -466,25 +536,14 @@ class PrecondOptimizer(Optimizer):
                     buffers[name].x_rows = rows[2 * i]
                     buffers[name].g_rows = rows[2 * i + 1]
                 all_reduce_sum_(tensors)
-                # DDP averages gradients over ranks, so each rank's output
-                # gradients are ``world`` times their share of the averaged
-                # gradient: the summed Delta^T Delta is divided by world^2 to
-                # equal one process's statistic on the concatenated batch.
-                # Out of place: ``scale`` may be the GradScaler's own
-                # tensor, which an in-place product would corrupt.
-                scale = scale * world
+                scale = scale * world  # out of place, see above
             else:
-                # Every rank forms the factors that any rank has statistics
-                # for; a rank where the layer did not run folds a zero
-                # statistic (the running factors are averaged at refresh).
                 for i, name in enumerate(self.layers):
                     buf = buffers[name]
                     if rows[2 * i] and not buf.x_rows:
                         buf.xx, buf.x_rows = self._zero_filled_sums(name)[0], 1
                     if rows[2 * i + 1] and not buf.g_rows:
                         buf.gg, buf.g_rows = self._zero_filled_sums(name)[-1], 1
-        if self.checks_statistics_on_device:
-            return batched_statistics(buffers, scale)
         out = {}
         for name in self.layers:  # host-side finiteness check (syncs)
             buf = buffers[name]
@@ -516,20 +575,37 @@ class PrecondOptimizer(Optimizer):
 
     def fold_statistics(self, items: List[Tuple[Dict[str, Tensor], str, str, Tensor]],
                         weight: Union[float, Sequence[float]],
-                        normalize: bool = False) -> None:
+                        normalize: bool = False,
+                        present: Optional[Sequence[Optional[Tensor]]] = None
+                        ) -> None:
         """Fold statistics into ``layer_state`` with batched kernels.
 
         Each item is ``(state, key, label, new)``: ``state[key] += w (new -
         state[key])`` (from zero; ``w`` is ``weight``, or ``weight[i]`` per
         item), see :func:`~mmprecond.curvature.factors.fold_statistics_`.
         Non-finite statistics are not folded and are counted on the device
-        under ``'nonfinite_statistics'`` (read when the log asks).
+        under ``'nonfinite_statistics'`` (read when the log asks).  A
+        statistic whose device presence flag is ``False`` (``present[i]``, or
+        the flag :meth:`_reduced_statistics` gave it) is not folded either,
+        and not counted.  ``new`` is used as scratch (overwritten): callers
+        pass this step's statistics, which nothing reads afterwards.
         """
         if not items:
             return
+        known = getattr(self, '_present_flags', {})
+        flags = [(present[i] if present is not None else None)
+                 for i in range(len(items))]
+        flags = [known.get(id(new)) if f is None else f
+                 for f, (*_, new) in zip(flags, items)]
+        mask = None
+        if any(f is not None for f in flags):
+            dev = items[0][3].device
+            mask = torch.stack([
+                torch.ones((), dtype=torch.bool, device=dev) if f is None
+                else f.to(dev) for f in flags])
         folded, ok = fold_statistics_([st.get(key) for st, key, _, _ in items],
                                       [new for *_, new in items], weight,
-                                      normalize)
+                                      normalize, present=mask, reuse_new=True)
         for (st, key, _, _), running in zip(items, folded):
             st[key] = running
         self.fallbacks.record_flags(
@@ -620,6 +696,7 @@ class PrecondOptimizer(Optimizer):
         clock = time.perf_counter()
         if self.is_stat_step(t):
             self.update_statistics(self._reduced_statistics(), t)
+            self._present_flags = {}  # ids of this step's statistics only
             if self.skip_nonfinite_steps:  # host reads were opted into
                 self._reset_nonfinite_state()
         self.capture.clear()
