@@ -219,6 +219,18 @@ def unpack_symmetric(packed: Tensor, shape: Sequence[int]) -> Tensor:
     return out
 
 
+def loaded_layer_state(saved: Dict[str, Tensor], packed: Dict[str, Sequence[int]],
+                       device: torch.device) -> Dict[str, Tensor]:
+    """One layer's saved tensors on ``device``, packed ones unpacked.
+
+    ``packed`` maps the keys saved by :func:`pack_symmetric` to their shape
+    (a checkpoint's ``preconditioner.packed[layer]``; empty for checkpoints
+    written before packing).
+    """
+    return {k: (unpack_symmetric(v.to(device), packed[k]) if k in packed
+                else v.to(device)) for k, v in saved.items()}
+
+
 #: Fallback counts set when the optimizer is built (not restored on load).
 BUILD_TIME_COUNTS = ('excluded_layers', 'over_memory_budget', 'no_attention')
 
@@ -941,11 +953,8 @@ class PrecondOptimizer(Optimizer):
             if module is None:
                 unknown.append(name)
                 continue
-            dev = module.weight.device
-            shapes = packed.get(name, {})
-            self.layer_state[name] = {
-                k: (unpack_symmetric(v.to(dev), shapes[k]) if k in shapes
-                    else v.to(dev)) for k, v in st.items()}
+            self.layer_state[name] = loaded_layer_state(
+                st, packed.get(name, {}), module.weight.device)
         self.load_checkpoint_extras(pre.get('extras', {}))
         self._reset_nonfinite_state()
         if unknown:
