@@ -201,3 +201,33 @@ def test_size_reports_name_the_large_parts():
                                        for d in (16, 28, 37, 577))
     report = saved_state_report(sd)
     assert 'largest: 3.R_inv 1.27 MiB' in report, report
+
+
+def _ddp_rebuild_worker(rank, world, port, path):
+    from ddp_recording import join_gloo, save_from_rank0
+    join_gloo(rank, world, port)
+    model = net()
+    hp = dict(lr=0.05, stat_interval=1, inv_interval=4, shard_inverses=True)
+    opt = NKFAC(model.parameters(), model=model, **hp)
+    run(model, opt, data(5))  # same batches on both ranks; exact refresh at 4
+    sd = opt.state_dict()
+    fresh = NKFAC(model.parameters(), model=model, **hp)
+    fresh.load_state_dict(sd)  # the rebuild is sharded: broadcasts on load
+    same = all(torch.equal(fresh.layer_state[n][k], v)
+               for n, st in opt.layer_state.items() for k, v in st.items())
+    omitted = sum(k.endswith('_inv') for st in opt.layer_state.values()
+                  for k in st) - sum(k.endswith('_inv') for st in
+                                     sd['preconditioner']['layers'].values()
+                                     for k in st)
+    save_from_rank0(dict(same=same, omitted=omitted), path)
+
+
+def test_auto_rebuild_under_ddp(tmp_path):
+    """Two gloo ranks: the sharded rebuild at load gives the saved inverses."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+    path = str(tmp_path / 'out.pt')
+    mp.spawn(_ddp_rebuild_worker, args=(2, free_port(), path), nprocs=2,
+             join=True)
+    for out in torch.load(path):
+        assert out['same'] and out['omitted'] == 4, out  # every inverse
