@@ -5,12 +5,14 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.hooks import Hook
+from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 from torch import Tensor
 
 from ..curvature.capture import gradient_matrix
 from ..linalg import estimate_residual, power_iteration_lmax
 from ..optim.fsgd import FeatureDescent
+from .checkpoint_size import expected_state_report, saved_state_report
 
 #: Phases of :attr:`PrecondOptimizer.phase_seconds`, in step order.
 PHASES = ('statistics', 'refresh', 'precondition')
@@ -153,6 +155,8 @@ class PrecondStatsHook(Hook):
         self._ratios: List[Tensor] = []
         self._handles: List[Any] = []
         self._resumed: Optional[Tuple[int, Dict[str, Any]]] = None
+        # the checkpoint-size messages are logged once per run each
+        self._sizes_logged: set = set()
 
     # ---------------------------------------------------------------- access
     @staticmethod
@@ -174,6 +178,9 @@ class PrecondStatsHook(Hook):
         if self._resumed is not None and self._resumed[0] == runner.iter > 0:
             self._restore(optimizer, self._resumed[1])
         self._resumed = None
+        if 'expected' not in self._sizes_logged and hasattr(optimizer, 'layers'):
+            self._sizes_logged.add('expected')
+            print_log(expected_state_report(optimizer), logger='current')
         self._last_iter = runner.iter
         self._last_totals = self._cumulative(optimizer)
         self._handles = [
@@ -306,6 +313,13 @@ class PrecondStatsHook(Hook):
     # ------------------------------------------------------------ checkpoint
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         optimizer = self._optimizer(runner)
+        saved = checkpoint.get('optimizer')
+        if ('saved' not in self._sizes_logged and isinstance(saved, dict)
+                and 'preconditioner' in saved):
+            self._sizes_logged.add('saved')
+            print_log(f'[{type(optimizer).__name__}] '
+                      f'{saved_state_report(saved)} (logged once)',
+                      logger='current')
         fallbacks = getattr(optimizer, 'fallbacks', None)
         checkpoint[CHECKPOINT_KEY] = dict(
             totals=dict(self.totals),

@@ -35,6 +35,7 @@ from ..curvature.attention import (
 from ..curvature.capture import input_rows_gram
 from ..curvature.factors import BatchStatistics
 from ..distributed import all_reduce_sum_, world_size
+from .base import loaded_layer_state
 from .defaults import adamw_defaults, sgdm_defaults
 from .fsgd import DEFAULT_MAX_FACTOR_DIM, FeatureDescent
 
@@ -406,9 +407,11 @@ class AttentionFeatureDescent(FeatureDescent):
             attn = {n: layers.pop(n) for n in list(layers) if n in self.attention}
             state_dict['preconditioner'] = dict(pre, layers=layers)
         super().load_state_dict(state_dict)
+        packed = (pre or {}).get('packed', {})
         for name, st in attn.items():
             dev = self.attention[name][1].q.weight.device
-            self.layer_state[name] = {k: v.to(dev) for k, v in st.items()}
+            self.layer_state[name] = loaded_layer_state(st, packed.get(name, {}),
+                                                        dev)
         self._reset_sums()
         self.tap.active = self.capture.active
 

@@ -179,6 +179,58 @@ def _is_unsupported_matrix_layer(module: nn.Module, owned: set) -> bool:
             and id(weight) in owned)
 
 
+def is_symmetric_matrix(t: Tensor) -> bool:
+    """Whether ``t`` is a floating square matrix equal to its transpose, bit for bit.
+
+    Reads one flag from the device (only called when a checkpoint is saved).
+    """
+    return (t.dim() == 2 and t.shape[0] == t.shape[1] and t.shape[0] > 1
+            and t.is_floating_point() and torch.equal(t, t.mT))
+
+
+def pack_symmetric(t: Tensor) -> Tensor:
+    """The upper triangle of a symmetric ``(n, n)`` matrix, row by row.
+
+    ``n (n + 1) / 2`` entries instead of ``n^2``; :func:`unpack_symmetric`
+    gives back the same bits (for a matrix that :func:`is_symmetric_matrix`).
+
+    Example:
+        >>> a = torch.tensor([[2., 1.], [1., 3.]])
+        >>> pack_symmetric(a)
+        tensor([2., 1., 3.])
+        >>> torch.equal(unpack_symmetric(pack_symmetric(a), [2, 2]), a)
+        True
+    """
+    n = t.shape[-1]
+    rows, cols = torch.triu_indices(n, n, device=t.device)
+    return t[rows, cols]
+
+
+def unpack_symmetric(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """The symmetric matrix of :func:`pack_symmetric`'s output, of ``shape``."""
+    n = int(shape[-1])
+    if tuple(int(d) for d in shape) != (n, n) or packed.numel() != n * (n + 1) // 2:
+        raise ValueError(f'a packed symmetric matrix of shape {list(shape)} '
+                         f'needs {n * (n + 1) // 2} entries, not {packed.numel()}')
+    rows, cols = torch.triu_indices(n, n, device=packed.device)
+    out = packed.new_empty(n, n)
+    out[rows, cols] = packed
+    out[cols, rows] = packed
+    return out
+
+
+def loaded_layer_state(saved: Dict[str, Tensor], packed: Dict[str, Sequence[int]],
+                       device: torch.device) -> Dict[str, Tensor]:
+    """One layer's saved tensors on ``device``, packed ones unpacked.
+
+    ``packed`` maps the keys saved by :func:`pack_symmetric` to their shape
+    (a checkpoint's ``preconditioner.packed[layer]``; empty for checkpoints
+    written before packing).
+    """
+    return {k: (unpack_symmetric(v.to(device), packed[k]) if k in packed
+                else v.to(device)) for k, v in saved.items()}
+
+
 #: Fallback counts set when the optimizer is built (not restored on load).
 BUILD_TIME_COUNTS = ('excluded_layers', 'over_memory_budget', 'no_attention')
 
@@ -239,6 +291,10 @@ class PrecondOptimizer(Optimizer):
 
     #: Rescale each preconditioned direction to its raw gradient's norm.
     grad_norm_recovery = False
+
+    #: Whether ``checkpoint_inverses='auto'`` is offered: the optimizer
+    #: knows which inverses it can rebuild bit for bit when loading.
+    rebuilds_inverses_exactly = False
 
     def __init__(self,
                  params: Iterable,
@@ -316,15 +372,29 @@ class PrecondOptimizer(Optimizer):
 
     def set_reliability_options(self, skip_nonfinite_steps: bool,
                                 factor_memory_budget_mb: Optional[float],
-                                checkpoint_inverses: bool = True) -> None:
+                                checkpoint_inverses: Union[bool, str] = True
+                                ) -> None:
         """Check and store the public optimizers' reliability keywords.
 
         Called by their ``__init__`` before this class initialises, since
         building the layer list applies the memory budget.
+        ``checkpoint_inverses`` is ``True``, ``False`` or, for optimizers
+        that can rebuild inverses exactly (NKFAC), ``'auto'``.
         """
         self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
         self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
-        self.checkpoint_inverses = bool(checkpoint_inverses)
+        if isinstance(checkpoint_inverses, str):
+            if (checkpoint_inverses != 'auto'
+                    or not self.rebuilds_inverses_exactly):
+                allowed = ("True, False or 'auto'"
+                           if self.rebuilds_inverses_exactly else
+                           'True or False')
+                raise ValueError(
+                    f'Invalid checkpoint_inverses: {checkpoint_inverses!r} '
+                    f'({allowed})')
+            self.checkpoint_inverses = checkpoint_inverses
+        else:
+            self.checkpoint_inverses = bool(checkpoint_inverses)
 
     def factor_bytes(self, module: nn.Module) -> int:
         """Estimated preconditioner memory of one layer, in bytes.
@@ -845,19 +915,62 @@ class PrecondOptimizer(Optimizer):
         The extra entry ``'preconditioner'`` holds the step counter and, per
         layer **name**, its tensors; everything is a tensor, a number or a
         string, so ``torch.load(..., weights_only=True)`` reads it.
+
+        Square matrices that are exactly symmetric (the factors, and exact
+        inverses: bit for bit, checked here) are stored packed, their upper
+        triangle flattened row by row (:func:`pack_symmetric`), with their
+        shape under ``'packed'``; :meth:`load_state_dict` unpacks them to
+        the same bits.  Inverses are left out as
+        :meth:`checkpoint_omissions` says.  Saving reads each matrix once
+        on the host (never during a step).
         """
         sd = super().state_dict()
-        keep_derived = getattr(self, 'checkpoint_inverses', True)
+        omit = self.checkpoint_omissions()
+        layers: Dict[str, Dict[str, Tensor]] = {}
+        packed: Dict[str, Dict[str, List[int]]] = {}
+        for name, st in self.layer_state.items():
+            out = layers[name] = {}
+            for key, value in st.items():
+                if (name, key) in omit:
+                    continue
+                value = value.detach()
+                if is_symmetric_matrix(value):
+                    out[key] = pack_symmetric(value)
+                    packed.setdefault(name, {})[key] = list(value.shape)
+                else:
+                    out[key] = value.clone()
         sd['preconditioner'] = dict(
             steps=self.steps,
             fallbacks=dict(self.fallbacks.counts),
             phase_seconds=dict(self.phase_seconds),
-            layers={
-                name: {k: v.detach().clone() for k, v in st.items()
-                       if keep_derived or not self.is_derived_key(k)}
-                for name, st in self.layer_state.items()
-            })
+            layers=layers,
+            packed=packed)
+        extra = self.checkpoint_extras()
+        if extra:
+            sd['preconditioner']['extras'] = extra
         return sd
+
+    def checkpoint_omissions(self) -> set:
+        """``(layer, key)`` pairs of ``layer_state`` left out of a checkpoint.
+
+        With ``checkpoint_inverses=False`` every :meth:`is_derived_key`;
+        otherwise none here (NKFAC leaves out, by default, the inverses it
+        can rebuild bit for bit when loading).
+        """
+        if getattr(self, 'checkpoint_inverses', True) is False:
+            return {(name, key) for name, st in self.layer_state.items()
+                    for key in st if self.is_derived_key(key)}
+        return set()
+
+    def checkpoint_extras(self) -> Dict[str, Any]:
+        """Subclass bookkeeping saved with the preconditioner state (none)."""
+        return {}
+
+    def load_checkpoint_extras(self, extras: Dict[str, Any]) -> None:
+        """Restore :meth:`checkpoint_extras` after ``layer_state`` is loaded.
+
+        Called with ``{}`` for checkpoints that have none.
+        """
 
     def is_derived_key(self, key: str) -> bool:
         """Whether ``layer_state[...][key]`` is recomputed from the factors.
@@ -911,13 +1024,15 @@ class PrecondOptimizer(Optimizer):
                 {k: float(v) for k, v in pre.get('phase_seconds', {}).items()})
         self.layer_state = {}
         unknown = []
+        packed = pre.get('packed', {})  # older checkpoints: all unpacked
         for name, st in pre['layers'].items():
             module = self.layers.get(name)
             if module is None:
                 unknown.append(name)
                 continue
-            dev = module.weight.device
-            self.layer_state[name] = {k: v.to(dev) for k, v in st.items()}
+            self.layer_state[name] = loaded_layer_state(
+                st, packed.get(name, {}), module.weight.device)
+        self.load_checkpoint_extras(pre.get('extras', {}))
         self._reset_nonfinite_state()
         if unknown:
             self.fallbacks.record(

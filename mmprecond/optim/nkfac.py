@@ -6,7 +6,7 @@ Optimizer for Deep Neural Networks*, ECML-PKDD 2023; Y. Sun, *Designing
 Effective Preconditioned Optimizers for Deep Neural Network Training*, PhD
 thesis, PolyU 2024, chapter 3 (Algorithms 2-5).
 """
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..curvature.capture import factor_dims
 from ..curvature.factors import BatchStatistics
-from ..distributed import Chunk, run_batched
+from ..distributed import Chunk, run_batched, world_size
 from ..linalg import INVERSE_FAILED, batch_limit, record_flags, refresh_inverse
 from .base import PrecondOptimizer, check_positive, check_unit_interval
 from .checks import (
@@ -121,6 +121,13 @@ class _KroneckerInverse(PrecondOptimizer):
         self.shard_inverses = bool(shard_inverses)
         warn_unaligned_interval(type(self).__name__, 'inv_interval',
                                 self.inv_interval, self.stat_interval)
+        # Host-side bookkeeping of the inverses that are still the exact
+        # damped inverse of their current factor (see checkpoint_omissions):
+        # slot (layer, side) -> id of the refresh batch that computed it, and
+        # batch id -> (step, every slot of that batch, in refresh order).
+        self._exact_slots: Dict[Tuple[str, str], int] = {}
+        self._exact_groups: Dict[int, Tuple[int, List[Tuple[str, str]]]] = {}
+        self._next_group = 0
 
     # --------------------------------------------------------------- factors
     #: Whether each batch statistic is divided by its Frobenius norm before
@@ -141,6 +148,8 @@ class _KroneckerInverse(PrecondOptimizer):
                 new = batch.gg if side == 'L' else batch.xx
                 if new is not None:
                     items.append((st, side, f'{name}.{side}', new))
+                    # the factor moves: its inverse is no longer rebuildable
+                    self._exact_slots.pop((name, side), None)
         self.fold_statistics(items, 1 - self.stat_decay,
                              normalize=self.frobenius_statistics)
 
@@ -205,7 +214,7 @@ class _KroneckerInverse(PrecondOptimizer):
         """
         periodic = step % self.inv_interval == 0
         exact = self._use_exact(step)
-        slots, stats, prevs = [], [], []
+        labels, stats, prevs = [], [], []
         for name, module in self.layers.items():
             st = self.layer_state.get(name)
             if not st:
@@ -216,11 +225,21 @@ class _KroneckerInverse(PrecondOptimizer):
                 prev = st.get(side + '_inv')
                 # Layers first seen after step 0 get an exact inverse at once.
                 if periodic or prev is None:
-                    slots.append((st, side + '_inv'))
+                    labels.append((name, side))
                     stats.append(st[side])
                     prevs.append(prev)
-        if not slots:
-            return
+        if labels:
+            self._refresh_slots(step, labels, stats, prevs, exact)
+
+    def _refresh_slots(self, step: int, labels: List[Tuple[str, str]],
+                       stats: List[Tensor], prevs: List[Optional[Tensor]],
+                       exact: bool) -> None:
+        """Refresh the inverses of ``labels`` (``(layer, side)``), batched.
+
+        Also notes, on the host, which batches of exact inverses came out
+        without any fallback: those inverses can be rebuilt bit for bit
+        from their factor while it does not change.
+        """
         keys = [(s.shape[-1], s.dtype, s.device, exact or p is None)
                 for s, p in zip(stats, prevs)]
 
@@ -232,12 +251,85 @@ class _KroneckerInverse(PrecondOptimizer):
                               lambda key: float(key[0])**3, outputs,
                               shard=self.shard_inverses,
                               max_items=lambda key: batch_limit(*key[:3]))
+        clean: Dict[tuple, bool] = {}
         for chunk, (inv, flags) in results:
             codes = record_flags(self.fallbacks, flags)
             for j, i in enumerate(chunk.items):
+                clean[chunk.key] = clean.get(chunk.key, True) and not codes[j]
                 if not codes[j] & INVERSE_FAILED:
-                    st, key = slots[i]
-                    st[key] = inv[j]
+                    name, side = labels[i]
+                    self.layer_state[name][side + '_inv'] = inv[j]
+        for label in labels:
+            self._exact_slots.pop(label, None)
+        for key, ok in clean.items():
+            if key[3] and ok:  # an exact batch without any fallback
+                members = [lab for lab, k in zip(labels, keys) if k == key]
+                gid = self._next_group
+                self._next_group += 1
+                self._exact_groups[gid] = (step, members)
+                for lab in members:
+                    self._exact_slots[lab] = gid
+        live = set(self._exact_slots.values())
+        for gid in [g for g in self._exact_groups if g not in live]:
+            del self._exact_groups[gid]
+
+    # ------------------------------------------------------------ checkpoint
+    def _rebuildable_groups(self) -> List[Tuple[int, List[Tuple[str, str]]]]:
+        """The refresh batches whose inverses a checkpoint can leave out.
+
+        A batch qualifies when it was an exact refresh without fallbacks and
+        none of its factors has been folded or refreshed since: loading then
+        repeats that very batch (same factors, same order, same chunks), so
+        the rebuilt inverses are the saved ones bit for bit.
+        """
+        if self.reduce_statistics == 'before_refresh' and world_size() > 1:
+            return []  # the running factors are averaged outside the fold
+        out = []
+        for gid, (step, members) in self._exact_groups.items():
+            if all(self._exact_slots.get(m) == gid
+                   and m[1] in self.layer_state.get(m[0], {}) for m in members):
+                out.append((step, members))
+        return out
+
+    def checkpoint_omissions(self) -> Set[Tuple[str, str]]:
+        """``(layer, key)`` left out of :meth:`state_dict`.
+
+        ``checkpoint_inverses='auto'`` (NKFAC's default) leaves out exactly
+        the inverses :meth:`load_state_dict` rebuilds bit for bit (see
+        :meth:`_rebuildable_groups`); ``False`` every inverse; ``True`` none.
+        """
+        omit = super().checkpoint_omissions()
+        if self.checkpoint_inverses == 'auto':
+            for _, members in self._rebuildable_groups():
+                omit.update((name, side + '_inv') for name, side in members)
+        return omit
+
+    def checkpoint_extras(self) -> Dict[str, Any]:
+        """The batches of inverses left out, for the load to rebuild."""
+        if self.checkpoint_inverses != 'auto':
+            return {}
+        groups = [[step, [[n, s] for n, s in members]]
+                  for step, members in self._rebuildable_groups()]
+        return dict(rebuilt_inverses=groups) if groups else {}
+
+    def load_checkpoint_extras(self, extras: Dict[str, Any]) -> None:
+        """Rebuild the inverses an ``'auto'`` checkpoint left out.
+
+        Each saved batch is refreshed again exactly, with the same factors
+        in the same order, as when it was first computed.  Runs under
+        torch.distributed on every rank (the load does), sharded like a
+        refresh.
+        """
+        self._exact_slots, self._exact_groups = {}, {}
+        for step, members in extras.get('rebuilt_inverses', []):
+            labels = [(str(n), str(s)) for n, s in members]
+            labels = [lab for lab in labels
+                      if lab[1] in self.layer_state.get(lab[0], {})]
+            if not labels:
+                continue
+            self._refresh_slots(int(step), labels,
+                                [self.layer_state[n][s] for n, s in labels],
+                                [None] * len(labels), exact=True)
 
     def _refresh_task(self, step: int, stats: List[Tensor],
                       prevs: List[Optional[Tensor]]):
@@ -334,12 +426,19 @@ class NKFAC(_KroneckerInverse):
             factor); the layers with the largest factors are left
             first-order until the rest fit, and are listed in the log.
             Defaults to None (no bound).
-        checkpoint_inverses (bool): Save the inverses in
-            :meth:`state_dict`. ``False`` halves the preconditioner part of
-            a checkpoint; the first step after loading recomputes each
-            inverse exactly from its saved factor (see
-            :meth:`~mmprecond.optim.PrecondOptimizer.is_derived_key` for when
-            that is bit-identical). Defaults to True.
+        checkpoint_inverses (bool | str): Which inverses :meth:`state_dict`
+            saves.  ``'auto'`` (default): only those that loading cannot
+            rebuild bit for bit; an inverse computed exactly (the first
+            ``2 T_inv`` steps, every ``C T_inv``) whose factor has not been
+            folded since is left out and recomputed, by the same batched
+            refresh, when the checkpoint is loaded, so a resumed run equals
+            the uninterrupted one; Newton inverses are kept.  ``True``:
+            all.  ``False``: none (the smallest checkpoint; the first step
+            after loading recomputes each inverse exactly, see
+            :meth:`~mmprecond.optim.PrecondOptimizer.is_derived_key` for
+            when that is bit-identical).  Factors, and exact inverses, are
+            stored packed (upper triangle) either way.  See
+            ``docs/checkpoints.md``.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -371,7 +470,7 @@ class NKFAC(_KroneckerInverse):
                  reduce_statistics: str = 'every_step',
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None,
-                 checkpoint_inverses: bool = True) -> None:
+                 checkpoint_inverses: Union[bool, str] = 'auto') -> None:
         self.set_reliability_options(skip_nonfinite_steps,
                                      factor_memory_budget_mb,
                                      checkpoint_inverses)
@@ -384,6 +483,7 @@ class NKFAC(_KroneckerInverse):
                          reduce_statistics=reduce_statistics)
 
     _exact_only = False
+    rebuilds_inverses_exactly = True
 
 
 @OPTIMIZERS.register_module()
@@ -453,6 +553,8 @@ class AdaNKFAC(_KroneckerInverse):
         >>> opt.step()
     """
 
+    rebuilds_inverses_exactly = True
+
     def __init__(self,
                  params: Iterable,
                  lr: float = 1e-4,
@@ -474,7 +576,7 @@ class AdaNKFAC(_KroneckerInverse):
                  reduce_statistics: str = 'every_step',
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None,
-                 checkpoint_inverses: bool = True) -> None:
+                 checkpoint_inverses: Union[bool, str] = 'auto') -> None:
         self.set_reliability_options(skip_nonfinite_steps,
                                      factor_memory_budget_mb,
                                      checkpoint_inverses)

@@ -14,6 +14,8 @@ from mmengine.hooks import Hook
 from mmengine.runner import Runner
 from test_mmdet_training import demo_cfg
 
+from mmprecond.optim.base import loaded_layer_state
+
 pytestmark = pytest.mark.slow
 
 OPTIMIZER = dict(type='NKFAC', lr=0.01, weight_decay=1e-4, stat_interval=1,
@@ -60,9 +62,11 @@ def test_mmdet_checkpoint_resume_and_load_from(tiny_coco, tmp_path):
     resumed.register_hook(probe)
     resumed.train()
     assert probe.iter == 2 and probe.steps == 2 and resumed.iter == 3
-    saved_layers = saved_state['preconditioner']['layers']
+    saved_pre = saved_state['preconditioner']
+    saved_layers = saved_pre['layers']
     assert set(probe.layer_state) == set(saved_layers)
     for name, st in saved_layers.items():
+        st = loaded_layer_state(st, saved_pre['packed'].get(name, {}), 'cpu')
         for key, value in st.items():
             torch.testing.assert_close(probe.layer_state[name][key], value,
                                        rtol=0, atol=0)

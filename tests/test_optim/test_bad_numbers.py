@@ -164,7 +164,8 @@ def test_nonfinite_factor_is_dropped_not_used(cls, setup, hp, via):
         opt.layer_state[name][key][0, 0] = float('nan')
     else:
         sd = opt.state_dict()
-        sd['preconditioner']['layers'][name][key][0, 0] = float('inf')
+        # the first entry, whole or packed (upper triangle, 1-D)
+        sd['preconditioner']['layers'][name][key].view(-1)[0] = float('inf')
         buf = io.BytesIO()
         torch.save(sd, buf)
         buf.seek(0)

@@ -90,7 +90,10 @@ def test_resume_at_a_refresh_step_is_bit_identical(cls, make, data_fn, kw):
     assert tensor_bytes(light_layers) == tensor_bytes(full_layers) - inverse_bytes
     assert light_size < full_size - inverse_bytes * 0.9
     if cls in (KFAC, NKFAC, AdaNKFAC, *ROOTS):
-        assert tensor_bytes(light_layers) * 2 == tensor_bytes(full_layers)
+        # factors are packed (upper triangle); an inverse is packed too when
+        # it is exactly symmetric (KFAC's Cholesky inverses), else whole
+        # (Newton iterates, inverse roots): at most twice a packed factor
+        assert tensor_bytes(full_layers) <= 3 * tensor_bytes(light_layers)
 
     # step 6 is a refresh step (6 % 3 == 0; for NKFAC an exact one, <= 2 T)
     second, opt2 = resume(cls, make, dict(hp, checkpoint_inverses=False), light)
