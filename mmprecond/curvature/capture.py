@@ -173,6 +173,9 @@ def _conv_input_gram(module: nn.Conv2d, x: Tensor, has_bias: bool,
         _add_patch_gram_(gram, col_sum, cols)
         del cols  # freed before the next chunk is unfolded
     rows = n * out_h * out_w
+    # bmm / addmm sums need not be bit-symmetric; the upper triangle is
+    # mirrored so the factor is exactly symmetric (and stored packed)
+    gram = gram.triu() + gram.triu(1).mT
     if not has_bias:
         return gram, rows
     out = gram.new_empty((d, d))
