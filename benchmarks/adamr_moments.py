@@ -12,6 +12,8 @@ bbox mAP or top-1, time, fallback counts) to ``<work-dir>/runs.jsonl``;
 ``--summarize`` prints mean +- std per variant from that file.
 
 Variants (:data:`VARIANTS`): ``adamw``; ``adamr`` (AdamR's defaults);
+``rotate`` (the previous default, with which the docs' rows labelled
+``'rotate'`` were measured);
 ``algorithm6`` (the thesis box: moments carried over unchanged, also at the
 first basis); ``old-project`` (the previous default: squared-rotation
 projection, no reset at the first basis); ``adamr-power`` (defaults plus a
@@ -43,6 +45,7 @@ CLS_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo',
 VARIANTS: Dict[str, tuple] = {
     'adamw': ('AdamW', {}),
     'adamr': ('AdamR', {}),
+    'rotate': ('AdamR', dict(moment_projection='rotate')),
     'algorithm6': ('AdamR', dict(moment_projection='algorithm6')),
     'old-project': ('AdamR', dict(moment_projection='project',
                                   reset_first_basis=False)),

@@ -103,7 +103,7 @@ def _steps(model, opt, n, seed=1):
 def test_power_refresh_moves_bases_and_keeps_first_moment():
     model = _net()
     opt = AdamR(model.parameters(), model=model, lr=1e-2, stat_interval=1,
-                basis_interval=4, power_interval=1)
+                basis_interval=4, power_interval=1, moment_projection='rotate')
     _steps(model, opt, 5)  # eigh at t = 4
     before = {n: {k: v.clone() for k, v in st.items()}
               for n, st in opt.layer_state.items()}

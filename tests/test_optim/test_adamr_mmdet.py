@@ -47,11 +47,6 @@ def adamr_demo_config(data_root, work_dir):
     return cfg
 
 
-# strict: a fix that makes the loss fall again turns this into a failure
-@pytest.mark.xfail(strict=True, reason=(
-    'known defect (stop 24, not diagnosed): the demo detector loss rises '
-    '(1.77 -> 2.09) with AdamR at this test\'s settings, on CI and on the '
-    '2-core machine, already at d11e2d9'))
 def test_faster_rcnn_loss_falls_with_adamr(tiny_coco, tmp_path):
     from mmengine.runner import Runner
 
