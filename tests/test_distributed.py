@@ -362,7 +362,7 @@ def test_resnet50_fpn_statistics_take_a_handful_of_all_reduces():
             tensors.append(torch.empty(d_in, d_in, device='meta'))
         if want_g:
             tensors.append(torch.empty(d_out, d_out, device='meta'))
-    # (row counts travel separately, as host ints: all_reduce_ints)
+    # (row counts travel as one int64 tensor at the end of the same bucket)
     assert len(opt.layers) > 50 and len(tensors) > 100
     # shared_fcs.0's 12545-wide input Gram is never formed
     assert opt.capture.sides['roi_head.bbox_head.shared_fcs.0'] == (False, True)

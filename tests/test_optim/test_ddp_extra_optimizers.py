@@ -5,7 +5,8 @@ SGDM_BK, AdamW_BK and Shampoo moved to the contract suite
 (``tests/test_contract``: DDP equals one process with a layer that gets no
 rows on one rank, and both ranks issue the same collectives).  SGD_PH stays
 for its check that the Hessian diagonal was used, AdaFisher(W) because the
-contract case xfails for them and AdaFisherW's ``statistics='paper'``.
+contract case skips them (its learning rate is far beyond theirs: see the
+contract's EXCEPTIONS) and for AdaFisherW's ``statistics='paper'``.
 """
 import os
 
