@@ -82,15 +82,12 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
     **{(n, c): ('xfail', f'issue 18: TNT blow-up / NaN in state, {_DEFECT_A}')
        for n in ('TNT', 'TNT_EF')
        for c in ('resume', 'nonfinite_grad', 'nonfinite_factor')},
-    # SMW_NG (issue 22) keeps one captured row block per sample of the
-    # curvature subset; the contract model's aux layer sees a row subset
-    # (zero rows on rank 1), and the Gram/Jg shapes then disagree
-    # ("size of tensor a (30) must match ... b (8)"): found by this suite
-    **{('SMW_NG', c): ('xfail', 'issue 22: SMW_NG assumes every captured '
-                       'layer sees one row block per sample; a layer fed a '
-                       'row subset raises a shape error (found by this suite)')
-       for c in ('ddp', 'resume', 'host_reads', 'nonfinite_grad',
-                 'nonfinite_factor', 'checkpoint', 'defaults')},
+    # SMW_NG / SMW_GN recompute their curvature from each batch: the only
+    # state is lambda_LM (0-dim), whose non-finite value in a checkpoint is
+    # reset at load (test_smw.py::test_nonfinite_lambda_in_checkpoint_...)
+    **{(n, 'nonfinite_factor'): ('skip', f'{n} keeps no 2-D factor (the '
+                                 'Gram is rebuilt from every batch)')
+       for n in ('SMW_NG', 'SMW_GN')},
     **{(n, c): ('xfail', f'issue 18: TNT blow-up on the short schedule '
                 f'(parameters reach 1e25, extra overflows), {_DEFECT_A}')
        for n in ('TNT', 'TNT_EF') for c in ('ddp', 'amp_scale')},
@@ -136,6 +133,13 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
 EXPECTED_READS: Dict[str, Tuple[int, ...]] = {
     # the compact L-BFGS update of K-BFGS(L)'s second pass (after step 7)
     'KBFGS_L': (0, 0, 4),
+    # every step of SMW_NG / SMW_GN is a curvature step (lm_interval=1: the
+    # rho-test's second forward each step); lambda_LM and rho stay on the
+    # device, so none of them reads a value.  Their one host-side collective,
+    # the row-layout handshake of the first step under DDP, reduces Python
+    # ints over the CPU group (no device read).
+    'SMW_NG': (0, 0, 0),
+    'SMW_GN': (0, 0, 0),
 }
 
 
