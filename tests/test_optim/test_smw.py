@@ -438,3 +438,53 @@ def test_nonfinite_lambda_in_checkpoint_restarts_from_damping():
     opt.load_state_dict(sd)
     assert float(opt.lm_lambda) == 0.5
     assert opt.fallbacks.counts['nonfinite_state_reset'] == 1
+
+
+#: ``aux`` rows per step of the 8-sample batch: all, then a subset on rank
+#: 0's half only (rank 1 still sends whole per-sample rows), then all again.
+SUBSET_SCHEDULE = [list(range(8)), [1, 2, 4, 5, 6, 7], list(range(8))]
+
+
+def _train_subset(cls, run_model, model, x, y, lo=0):
+    opt = cls(model.parameters(), model=model, lr=0.2, curvature_samples=None)
+    for rows in SUBSET_SCHEDULE:
+        mine = torch.tensor([r - lo for r in rows if lo <= r < lo + len(x)])
+        opt.zero_grad()
+        loss = F.cross_entropy(run_model(x, mine), y)
+        loss.backward()
+        opt.step()
+        opt.second_pass(lambda m=mine: F.cross_entropy(model(x, m), y),
+                        first_loss=loss.detach())
+    return opt
+
+
+def _subset_worker(rank, world, port, path, name):
+    join_gloo(rank, world, port)
+    model = SubsetNet().double()
+    x, y = batch('mlp', 8)
+    lo = rank * 4
+    opt = _train_subset(globals()[name],
+                        nn.parallel.DistributedDataParallel(model), model,
+                        x[lo:lo + 4], y[lo:lo + 4], lo)
+    if rank == 0:
+        torch.save(dict(params=[p.detach() for p in model.parameters()],
+                        lm=opt.lm_lambda,
+                        counts=dict(opt.fallbacks.counts)), path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('name', ['SMW_NG', 'SMW_GN'])
+def test_ddp_row_subset_on_one_rank_equals_one_process(tmp_path, name):
+    """A layer whose rows are per-sample on one rank only: masked everywhere."""
+    path = str(tmp_path / 'ddp.pt')
+    mp.spawn(_subset_worker, args=(2, free_port(), path, name), nprocs=2,
+             join=True)
+    got = torch.load(path)
+    model = SubsetNet().double()
+    opt = _train_subset(globals()[name], model, model, *batch('mlp', 8))
+    for p, q in zip(model.parameters(), got['params']):
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(opt.lm_lambda, got['lm'])
+    assert opt.fallbacks.counts['smw_rows_not_per_sample'] == 1
+    assert got['counts']['smw_rows_not_per_sample'] == 1
+    assert 'smw_layer_excluded' not in got['counts']
