@@ -59,37 +59,52 @@ def per_sample_grads_rows(module: nn.Module, g: Tensor) -> Tensor:
 
 def sample_gram(a: Tensor, g: Tensor,
                 chunk_elements: int = GRAM_CHUNK_ELEMENTS) -> Tensor:
-    """``K_ij = grad f_i . grad f_j`` of one layer, per-sample grads unformed.
+    """``K_uv = grad f_u . grad f_v`` of one layer, per-sample grads unformed.
 
-    With ``a`` ``(N, T, d_in)`` and ``g`` ``(N, T, d_out)`` the per-sample
-    gradient is ``sum_t g_it a_it^T``, so ``K_ij = sum_{t,s} (a_it . a_js)
-    (g_it . g_js)``; for ``T = 1`` this is ``(A A^T) o (G G^T)``.  Cost
-    ``N^2 T^2 (d_in + d_out)``, computed in blocks of rows (sample x
-    position) of about ``chunk_elements`` products each.
+    With ``a`` ``(N, T, d_in)`` and ``g`` ``(N m, T, d_out)`` (``m`` output
+    rows per sample, ``u = (i, c)`` sample-major; ``m = 1`` for SMW-NG) the
+    gradient of ``u`` is ``sum_t g_ut a_it^T``, so ``K_uv = sum_{t,s} (a_it .
+    a_js)(g_ut . g_vs)``; for ``T = 1`` this is ``(A A^T kron 1 1^T) o (G
+    G^T)``.  The input products are formed once per sample pair, not per
+    output row.  Cost ``N^2 T^2 (d_in + m^2 d_out)``, in blocks of whole
+    samples of about ``chunk_elements`` products each.
     """
     n, t = a.shape[0], a.shape[1]
+    nv = g.shape[0]
+    m = nv // n
     if t == 1:
-        return (a[:, 0] @ a[:, 0].T) * (g[:, 0] @ g[:, 0].T)
-    a_flat, g_flat = a.reshape(n * t, -1), g.reshape(n * t, -1)
-    owner = torch.arange(n, device=a.device).repeat_interleave(t)
-    gram = a.new_zeros(n, n)
-    rows = max(1, chunk_elements // (n * t))
-    for start in range(0, n * t, rows):
-        end = min(start + rows, n * t)
-        prod = (a_flat[start:end] @ a_flat.T) * (g_flat[start:end] @ g_flat.T)
-        gram.index_add_(0, owner[start:end], prod.view(end - start, n, t).sum(2))
+        aa = a[:, 0] @ a[:, 0].T
+        if m > 1:
+            aa = aa.repeat_interleave(m, 0).repeat_interleave(m, 1)
+        return aa * (g[:, 0] @ g[:, 0].T)
+    a_flat, g_flat = a.reshape(n * t, -1), g.reshape(nv * t, -1)
+    gram = a.new_zeros(nv, nv)
+    samples = max(1, chunk_elements // (m * t * nv * t))
+    for i0 in range(0, n, samples):
+        i1 = min(i0 + samples, n)
+        b = i1 - i0
+        aa = (a_flat[i0 * t:i1 * t] @ a_flat.T).view(b, 1, t, n, 1, t)
+        gg = (g_flat[i0 * m * t:i1 * m * t] @ g_flat.T).view(b, m, t, n, m, t)
+        gram[i0 * m:i1 * m] = (gg * aa).sum((2, 5)).reshape(b * m, nv)
     return gram
 
 
 def jacobian_vector(a: Tensor, g: Tensor, v: Tensor) -> Tensor:
-    """``(J v)_i = grad f_i . v`` of one layer for a ``d_out x d_in`` ``v``."""
-    return ((a @ v.T) * g).sum((1, 2))
+    """``(J v)_u = grad f_u . v`` of one layer for a ``d_out x d_in`` ``v``."""
+    av = a @ v.T
+    m = g.shape[0] // a.shape[0]
+    if m > 1:
+        av = av.repeat_interleave(m, 0)
+    return (av * g).sum((1, 2))
 
 
 def jacobian_t_vector(a: Tensor, g: Tensor, z: Tensor) -> Tensor:
-    """``J^T z = sum_i z_i grad f_i`` of one layer, ``d_out x d_in``."""
+    """``J^T z = sum_u z_u grad f_u`` of one layer, ``d_out x d_in``."""
+    n, d_out = a.shape[0], g.shape[-1]
     gz = g * z.view(-1, 1, 1)
-    return gz.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+    if gz.shape[0] != n:  # m rows per sample: sum them first
+        gz = gz.view(n, -1, gz.shape[1], d_out).sum(1)
+    return gz.reshape(-1, d_out).T @ a.reshape(-1, a.shape[-1])
 
 
 class _SampleRecord:
@@ -500,11 +515,13 @@ class SMW_NG(PrecondOptimizer):  # noqa: N801 (the thesis' name)
             d_in = module.weight[0].numel() + (module.bias is not None)
             dev, dtype = module.weight.device, self._row_dtype(name)
             slot_a = torch.zeros(world, n, p, d_in, device=dev, dtype=dtype)
-            slot_g = torch.zeros(world, n, p, d_out, device=dev, dtype=dtype)
             r = local[name]
+            mv = self._grad_rows_per_sample()
+            slot_g = torch.zeros(world, n * mv, p, d_out, device=dev,
+                                 dtype=dtype)
             fits = isinstance(r, tuple) and \
                 tuple(r[0].shape) == (n, p, d_in) and \
-                tuple(r[1].shape) == (n, p, d_out)
+                tuple(r[1].shape) == (n * mv, p, d_out)
             if fits:
                 slot_a[rank], slot_g[rank] = r
             flags.append(float(r is not None and not fits))
@@ -522,9 +539,9 @@ class SMW_NG(PrecondOptimizer):  # noqa: N801 (the thesis' name)
                for i, name in enumerate(kept)}
         return out, dict(zip(kept, keep))
 
-    def _real_samples(self, rows: int) -> int:
-        """``N2`` for ``rows`` Gram rows (SMW-GN: ``m_L`` rows a sample)."""
-        return rows
+    def _grad_rows_per_sample(self) -> int:
+        """Output-gradient rows of one sample (SMW-GN: ``m_L``)."""
+        return 1
 
     def update_preconditioners(self, step: int) -> None:
         """``d = (1/lambda)(g - (1/N2) J^T D^-1 J g)`` for every layer."""
@@ -535,9 +552,8 @@ class SMW_NG(PrecondOptimizer):  # noqa: N801 (the thesis' name)
         rows = {n: r for n, r in rows.items() if grads[n] is not None}
         if not rows:
             return
-        first = next(iter(rows.values()))[0]
-        n_rows = first.shape[0]
-        n2 = self._real_samples(n_rows)
+        first, first_g = next(iter(rows.values()))
+        n2, n_rows = first.shape[0], first_g.shape[0]
 
         def masked(name: str, value: Tensor) -> Tensor:
             if keep is None:
@@ -892,7 +908,7 @@ class SMW_GN(SMW_NG):  # noqa: N801 (the thesis' name)
             rec.outputs = []
 
     def _local_rows(self, name: str) -> Union[None, str, Tuple[Tensor, Tensor]]:
-        """``(a, u)`` rows: ``m_L`` per sample, the sample's ``a`` repeated."""
+        """``(a, u)``: ``a`` per sample, ``m_L`` output-gradient rows each."""
         rec = self.records.get(name)
         m = self.outputs_per_sample
         if rec is None or m is None or (not rec.inputs and not rec.mismatch):
@@ -909,10 +925,10 @@ class SMW_GN(SMW_NG):  # noqa: N801 (the thesis' name)
         g = torch.cat([
             a.new_zeros(a.shape[0] * m, x.shape[1], d_out) if u is None
             else u.to(dtype) for x, u in zip(rec.inputs, rec.grads)], 1)
-        return a.repeat_interleave(m, 0), g
+        return a, g
 
-    def _real_samples(self, rows: int) -> int:
-        return rows // self.outputs_per_sample
+    def _grad_rows_per_sample(self) -> int:
+        return self.outputs_per_sample or 1
 
     def _clear_records(self) -> None:
         for rec in getattr(self, 'records', {}).values():

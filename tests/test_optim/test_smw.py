@@ -15,7 +15,13 @@ from test_distributed import free_port
 from torch.func import functional_call, grad, jacrev, vmap
 
 from mmprecond.optim import SMW_GN, SMW_NG
-from mmprecond.optim.smw import sample_gram, softmax_hessian_factor
+from mmprecond.optim.smw import (
+    GRAM_CHUNK_ELEMENTS,
+    jacobian_t_vector,
+    jacobian_vector,
+    sample_gram,
+    softmax_hessian_factor,
+)
 from mmprecond.profiling import DispatchCounter, counter_tensors
 
 
@@ -116,6 +122,23 @@ def test_conv_gram_equals_per_sample_gradient_products():
     # blocks of 3 rows cross the sample boundaries (7 positions each)
     assert torch.allclose(sample_gram(a, d, chunk_elements=3 * 35), per @ per.T,
                           rtol=1e-12)
+
+
+def test_gram_with_several_output_rows_per_sample():
+    """SMW-GN's layout: ``m`` gradient rows per sample share its ``a``."""
+    g = torch.Generator().manual_seed(0)
+    for t in (1, 7):
+        a = torch.randn(5, t, 4, generator=g, dtype=torch.float64)
+        d = torch.randn(15, t, 3, generator=g, dtype=torch.float64)
+        rep = a.repeat_interleave(3, 0)
+        per = torch.einsum('ntc,ntd->ncd', d, rep).flatten(1)
+        for chunk in (1, 3 * 35, GRAM_CHUNK_ELEMENTS):
+            assert torch.allclose(sample_gram(a, d, chunk), per @ per.T,
+                                  rtol=1e-12)
+        v = torch.randn(3, 4, generator=g, dtype=torch.float64)
+        z = torch.randn(15, generator=g, dtype=torch.float64)
+        assert torch.allclose(jacobian_vector(a, d, v), per @ v.flatten())
+        assert torch.allclose(jacobian_t_vector(a, d, z).flatten(), per.T @ z)
 
 
 def test_lm_rule_follows_hand_computed_sequence():
