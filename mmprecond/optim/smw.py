@@ -690,7 +690,13 @@ class _LogitsHook:
             return
         if not (module.training and torch.is_grad_enabled()):
             return
-        if isinstance(output, Tensor) and output.requires_grad:
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f'SMW_GN: the output of {owner.logits_module or "the model"} '
+                f'is a {type(output).__name__}, not the (N, m_L) logits: set '
+                "logits_module to the classifier's final layer (e.g. "
+                "'head.fc' for an mmpretrain classifier)")
+        if output.requires_grad:
             owner._on_logits(output)
 
 

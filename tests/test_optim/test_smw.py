@@ -359,9 +359,32 @@ def test_gn_refuses_too_large_system_and_says_what_to_set():
     x, _ = batch('mlp')
     with pytest.raises(ValueError, match=r'10 x 3 = 30 .*max_system_size=29'):
         model(x)
+    assert opt.outputs_per_sample is None
     with pytest.raises(ValueError, match='logits_module'):
         SMW_GN(model.parameters(), model=model, logits_module='nope')
+
+
+class DictOut(nn.Module):
+    """Returns a dict, as an mmpretrain classifier in ``'loss'`` mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x):
+        return dict(logits=self.body(x))
+
+
+def test_gn_says_to_set_logits_module_when_the_output_is_not_logits():
+    model = DictOut()
+    opt = SMW_GN(model.parameters(), model=model, curvature_samples=4)
+    x, _ = batch('mlp')
+    with pytest.raises(ValueError, match="logits_module.*'head.fc'"):
+        model(x)
     del opt
+    opt = SMW_GN(model.parameters(), model=model, curvature_samples=4,
+                 logits_module='body.3')
+    assert opt.logits_module == 'body.3'
 
 
 def test_gn_step_and_second_pass_read_no_device_value():
