@@ -66,8 +66,9 @@ def sample_gram(a: Tensor, g: Tensor,
     gradient of ``u`` is ``sum_t g_ut a_it^T``, so ``K_uv = sum_{t,s} (a_it .
     a_js)(g_ut . g_vs)``; for ``T = 1`` this is ``(A A^T kron 1 1^T) o (G
     G^T)``.  The input products are formed once per sample pair, not per
-    output row.  Cost ``N^2 T^2 (d_in + m^2 d_out)``, in blocks of whole
-    samples of about ``chunk_elements`` products each.
+    output row, and contracted with one side's ``m`` rows first: cost
+    ``N^2 T^2 (d_in + m d_out)`` (``m = 1``: blocks of rows of about
+    ``chunk_elements`` products; ``m > 1``: blocks of whole samples).
     """
     n, t = a.shape[0], a.shape[1]
     nv = g.shape[0]
@@ -79,13 +80,25 @@ def sample_gram(a: Tensor, g: Tensor,
         return aa * (g[:, 0] @ g[:, 0].T)
     a_flat, g_flat = a.reshape(n * t, -1), g.reshape(nv * t, -1)
     gram = a.new_zeros(nv, nv)
-    samples = max(1, chunk_elements // (m * t * nv * t))
-    for i0 in range(0, n, samples):
-        i1 = min(i0 + samples, n)
-        b = i1 - i0
-        aa = (a_flat[i0 * t:i1 * t] @ a_flat.T).view(b, 1, t, n, 1, t)
-        gg = (g_flat[i0 * m * t:i1 * m * t] @ g_flat.T).view(b, m, t, n, m, t)
-        gram[i0 * m:i1 * m] = (gg * aa).sum((2, 5)).reshape(b * m, nv)
+    if m > 1:
+        # K_(ic),(jd) = sum_e (G_i[., ., e] AA_ij G_j[., ., e]^T)_cd: the
+        # position pairs are contracted with the m rows of one side first,
+        # N^2 T^2 (d_in + m d_out), without an (N m T)^2 intermediate
+        gs = g.view(n, m, t, -1)
+        samples = max(1, chunk_elements // (t * n * t))
+        for i0 in range(0, n, samples):
+            i1 = min(i0 + samples, n)
+            aa = (a_flat[i0 * t:i1 * t] @ a_flat.T).view(i1 - i0, t, n, t)
+            right = torch.einsum('itjs,jdse->itjde', aa, gs)
+            gram[i0 * m:i1 * m] = torch.einsum(
+                'icte,itjde->icjd', gs[i0:i1], right).reshape(-1, nv)
+        return gram
+    rows = max(1, chunk_elements // (n * t))
+    owner = torch.arange(n, device=a.device).repeat_interleave(t)
+    for start in range(0, n * t, rows):
+        end = min(start + rows, n * t)
+        prod = (a_flat[start:end] @ a_flat.T) * (g_flat[start:end] @ g_flat.T)
+        gram.index_add_(0, owner[start:end], prod.view(end - start, n, t).sum(2))
     return gram
 
 
