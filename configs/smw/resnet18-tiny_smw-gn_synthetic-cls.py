@@ -9,11 +9,9 @@
 # settings as SMW-NG (lambda_LM = 1, boost 1.01, drop 0.99, eps 1/4, tau
 # 1e-3, no momentum, lr 0.1, not searched).  N2 = 4 of the batch of 32, half
 # of SMW-NG's 8: the conv Gram costs N2^2 T^2 (d_in + m_L^2 d_out), dominated
-# by the 7x7 stem's T = 1024 positions.  Measured (24 iterations, seed 0, on
-# the shared 2-core CPU): 13-18 s per iteration, 9-12 s of it the Gram
-# (*refresh*), 3-5 s forward + backward with the Jacobian pass and the
-# rho-test forward; about 10x SMW-NG's config.  SecondPassHook runs the
-# extra forward of the rho-test.
+# by the 7x7 stem's T = 1024 positions.  Measured (3 seeds x 10 epochs, the
+# shared 2-core CPU, docs/benchmarks.md): 0.58 s per iteration, 0.22 s of it
+# the Gram.  SecondPassHook runs the extra forward of the rho-test.
 _base_ = '../demo/resnet18-tiny_adamw_synthetic-cls.py'
 
 optim_wrapper = dict(
