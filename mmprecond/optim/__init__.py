@@ -11,7 +11,7 @@ from .nkfac import KFAC, NKFAC, AdaNKFAC
 from .peers import PeerSINGD, register_peer_optimizers
 from .sgd_ph import SGD_PH
 from .shampoo import Shampoo
-from .smw import SMW_NG
+from .smw import SMW_GN, SMW_NG
 from .tnt import TNT, TNT_EF
 
 # PeerSOAP / PeerShampoo, when pytorch-optimizer is installed (.[peers])
@@ -20,4 +20,4 @@ register_peer_optimizers()
 __all__ = ['PrecondOptimizer', 'NKFAC', 'AdaNKFAC', 'KFAC', 'AdamR', 'FSGD', 'FAdam',
            'AFOpt', 'Ada_AFOpt', 'SGD_PH', 'SGDM_BK', 'AdamW_BK', 'Shampoo',
            'AdaFisher', 'AdaFisherW', 'KBFGS', 'KBFGS_L', 'TNT', 'TNT_EF', 'PeerSINGD',
-           'SMW_NG']
+           'SMW_NG', 'SMW_GN']
