@@ -68,6 +68,13 @@ in ``site-packages``.  :data:`APPLIED` records which fixes are active.
    ``site-packages`` for it.)  This fix needs ``import mmprecond`` before
    ``Config.fromfile``, as ``tools/train.py`` and ``tools/test.py`` do.
 
+4. **A first-order optimizer resumed from a preconditioned checkpoint**
+   (``foreign_optimizer_state``).  ``torch.optim`` optimizers ignore state
+   dict keys they do not know, so ``AdamW`` resumed from an ``AdaNKFAC``
+   checkpoint silently takes over the Adam moments of preconditioned
+   gradients.  MMEngine's optimizer wrappers log one warning naming the
+   ignored keys and the fix (``load_from`` without ``resume``).
+
 Set ``MMPRECOND_DISABLE_COMPAT=1`` in the environment to skip every fix at
 import (to reproduce the upstream failures); ``apply_all(force=True)`` still
 applies them.
@@ -82,10 +89,12 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
-__all__ = ['APPLIED', 'CHECKPOINT_SAFE_GLOBALS', 'apply_all',
+__all__ = ['APPLIED', 'CHECKPOINT_SAFE_GLOBALS', 'CorruptCheckpointError',
+           'apply_all',
            'checkpoint_safe_globals', 'safe_checkpoint_load',
            'patch_checkpoint_weights_only',
-           'patch_cpu_distributed', 'patch_external_configs']
+           'patch_cpu_distributed', 'patch_external_configs',
+           'patch_foreign_optimizer_state']
 
 #: Name of each fix -> whether it is active in this process.
 APPLIED: Dict[str, bool] = {}
@@ -209,11 +218,74 @@ def safe_checkpoint_load(load: Callable, source: Any, *args: Any,
         try:
             return load(source, *args, **kwargs)
         except pickle.UnpicklingError as err:
-            raise pickle.UnpicklingError(_refusal_message(source, err)) from err
+            if _is_refusal(source, err):
+                raise pickle.UnpicklingError(
+                    _refusal_message(source, err)) from err
+            raise CorruptCheckpointError(
+                _corrupt_message(source, err)) from err
+        except (UnicodeDecodeError, EOFError) as err:
+            raise CorruptCheckpointError(
+                _corrupt_message(source, err)) from err
+        except RuntimeError as err:
+            if 'PytorchStreamReader' not in str(err):
+                raise
+            raise CorruptCheckpointError(
+                _corrupt_message(source, err)) from err
 
 
-def _refusal_message(source: Any, err: Exception) -> str:
-    """:data:`REFUSED_CHECKPOINT_MSG` filled in from torch's error."""
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read: truncated or overwritten bytes.
+
+    Raised by :func:`safe_checkpoint_load` instead of the bare
+    ``UnicodeDecodeError``, ``EOFError``, ``PytorchStreamReader`` error or
+    unknown pickle opcode that ``torch.load`` gives for such a file; the
+    message names the file and what to do.
+    """
+
+
+CORRUPT_CHECKPOINT_MSG = (
+    'Cannot read checkpoint {source}: the file is damaged ({size}; torch.load '
+    'said {kind}: {error}). It was probably cut short or overwritten while it '
+    'was written or copied (a killed job, a full disk, an interrupted '
+    'download). Use an intact checkpoint instead: an earlier iter_*.pth / '
+    'epoch_*.pth from the same work dir with --resume PATH (or resume=True, '
+    'load_from=PATH in the config; --resume alone reads the path in the work '
+    "dir's last_checkpoint file), or download the file again.")
+
+
+def _corrupt_message(source: Any, err: Exception) -> str:
+    """:data:`CORRUPT_CHECKPOINT_MSG` for ``source`` and torch's error."""
+    size = 'size unknown'
+    if isinstance(source, (str, os.PathLike)) and osp.isfile(source):
+        size = f'{osp.getsize(source)} bytes'
+    first = _unpickler_reason(err)
+    return CORRUPT_CHECKPOINT_MSG.format(
+        source=_describe_source(source), size=size,
+        kind=type(err).__name__, error=first)
+
+
+def _is_refusal(source: Any, err: Exception) -> bool:
+    """Whether ``err`` is the allow-list refusing a global (not bad bytes).
+
+    ``weights_only`` loading reports an unknown opcode (``Unsupported
+    operand 255``), which is what damaged bytes decode to, as an
+    ``UnpicklingError`` as well; only an error whose reason names a global
+    (or a file in which torch finds globals outside the allow-list) is a
+    refusal.
+    """
+    if 'global' in _unpickler_reason(err).lower():
+        return True
+    if isinstance(source, (str, os.PathLike)) and osp.isfile(source):
+        try:
+            return bool(
+                torch.serialization.get_unsafe_globals_in_checkpoint(source))
+        except Exception:  # noqa: BLE001 - an unreadable file is not a refusal
+            return False
+    return False
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The line of torch's ``weights_only`` error that says what failed."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     at = next((i for i, ln in enumerate(lines) if 'WeightsUnpickler' in ln),
               None)
@@ -221,6 +293,12 @@ def _refusal_message(source: Any, err: Exception) -> str:
     if at is not None:  # the error, on that line or the next one
         reason = lines[at] if not lines[at].endswith(':') or at + 1 == len(
             lines) else lines[at + 1]
+    return reason
+
+
+def _refusal_message(source: Any, err: Exception) -> str:
+    """:data:`REFUSED_CHECKPOINT_MSG` filled in from torch's error."""
+    reason = _unpickler_reason(err)
     unsafe = re.findall(r'GLOBAL ([\w.]+)', reason)
     if isinstance(source, (str, os.PathLike)) and osp.isfile(source):
         try:
@@ -380,10 +458,90 @@ def patch_external_configs() -> bool:
     return True
 
 
+#: Top-level keys of an optimizer-wrapper state dict that a plain
+#: ``torch.optim`` optimizer (or MMEngine's wrappers) reads.
+_TORCH_OPTIMIZER_KEYS = ('state', 'param_groups', 'loss_scaler',
+                         'base_param_settings')
+
+FOREIGN_OPTIMIZER_STATE_MSG = (
+    'The checkpoint being resumed holds optimizer state that {optimizer} does '
+    'not read ({keys}): it was written by a different optimizer, most likely '
+    'one of mmprecond\'s preconditioned ones. {optimizer} ignores that part '
+    'and takes over the per-parameter state as it is ({state}), i.e. moments '
+    'of preconditioned gradients, whose scale has nothing to do with '
+    '{optimizer}\'s own; the first steps after the resume can be far off. To '
+    'start {optimizer} afresh from these weights, train with load_from=CKPT '
+    'and resume=False (weights only, a new schedule); to continue the run, '
+    'resume it with the optimizer it was written with.')
+
+
+def _warn_foreign_optimizer_state(wrapper: Any, state_dict: Any) -> None:
+    """Log once if a plain torch optimizer is about to drop part of a state.
+
+    The opposite case (a preconditioned optimizer resumed from a first-order
+    checkpoint) is counted and logged by the optimizer itself
+    (``missing_preconditioner_state``).
+    """
+    optimizer = getattr(wrapper, 'optimizer', None)
+    if not isinstance(state_dict, dict) or not isinstance(
+            optimizer, torch.optim.Optimizer):
+        return
+    if (type(optimizer).load_state_dict
+            is not torch.optim.Optimizer.load_state_dict):
+        return  # it reads its own extra keys
+    extra = sorted(k for k in state_dict if k not in _TORCH_OPTIMIZER_KEYS)
+    if not extra:
+        return
+    from mmengine.logging import print_log
+
+    names = sorted({k for st in state_dict.get('state', {}).values()
+                    if isinstance(st, dict) for k in st})
+    print_log(FOREIGN_OPTIMIZER_STATE_MSG.format(
+        optimizer=type(optimizer).__name__,
+        keys=', '.join(map(repr, extra)),
+        state=', '.join(names) or 'none'), logger='current', level=30)
+
+
+def _checked_load_state_dict(original: Callable) -> Callable:
+    """Wrap an optimizer wrapper's ``load_state_dict`` with the warning."""
+
+    @functools.wraps(original)
+    def load_state_dict(self: Any, state_dict: dict) -> None:
+        _warn_foreign_optimizer_state(self, state_dict)
+        return original(self, state_dict)
+
+    setattr(load_state_dict, _MARK, True)
+    return load_state_dict
+
+
+def patch_foreign_optimizer_state() -> bool:
+    """Warn when a first-order optimizer resumes a preconditioned checkpoint.
+
+    ``torch.optim.Optimizer.load_state_dict`` ignores top-level keys it does
+    not know, so ``AdamW`` resumed from an ``AdaNKFAC`` checkpoint silently
+    keeps the Adam moments of the preconditioned gradients.  MMEngine's
+    ``BaseOptimWrapper`` (``OptimWrapper``'s) and ``AmpOptimWrapper`` (which
+    does not call its parent's) ``load_state_dict`` get a check that names
+    the ignored keys and the fix.
+
+    Returns:
+        bool: Whether the fix is active after the call.
+    """
+    from mmengine.optim import AmpOptimWrapper
+    from mmengine.optim.optimizer.base import BaseOptimWrapper
+
+    for cls in (BaseOptimWrapper, AmpOptimWrapper):
+        method = cls.__dict__.get('load_state_dict')
+        if method is not None and not getattr(method, _MARK, False):
+            cls.load_state_dict = _checked_load_state_dict(method)
+    return True
+
+
 _FIXES: Dict[str, Callable[[], bool]] = {
     'checkpoint_weights_only': patch_checkpoint_weights_only,
     'cpu_distributed': patch_cpu_distributed,
     'external_configs': patch_external_configs,
+    'foreign_optimizer_state': patch_foreign_optimizer_state,
 }
 
 

@@ -57,7 +57,7 @@ from ..curvature.factors import (
 )
 from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
 from ..logging import FallbackLog
-from .checks import check_budget, check_interval
+from .checks import check_budget, check_interval, check_number
 
 MISSING_MODEL_MSG = (
     '{name} preconditions layers and needs the model to hook them, but no '
@@ -71,6 +71,7 @@ MISSING_MODEL_MSG = (
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is (non-)positive."""
+    value = check_number(name, value)  # TypeError naming the field first
     ok = value >= 0 if allow_zero else value > 0
     if not ok or not math.isfinite(value):
         bound = '>= 0' if allow_zero else '> 0'
@@ -79,6 +80,7 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 def check_unit_interval(name: str, value: float) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``0 <= value < 1``."""
+    value = check_number(name, value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f'Invalid {name}: {value} (must be in [0, 1))')
 

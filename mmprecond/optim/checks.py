@@ -12,7 +12,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from mmengine.logging import print_log
 
-__all__ = ['check_interval', 'check_damping', 'check_budget', 'warn_unaligned_interval',
+__all__ = ['check_interval', 'check_damping', 'check_budget', 'check_number',
+           'check_momentum', 'check_coefficients', 'check_refresh_interval',
+           'warn_unaligned_interval',
            'accepted_keywords', 'check_keywords', 'reject_keywords']
 
 #: Keys that MMEngine / mmdet base configs give SGD and that an Adam-based
@@ -51,6 +53,92 @@ def check_interval(name: str, value: Any) -> int:
     return int(value)
 
 
+def check_number(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a real number (not a bool).
+
+    A config is Python, so ``lr='1e-3'`` is a string; comparing it with a
+    bound would raise ``TypeError: '>=' not supported between instances of
+    'str' and 'int'`` without saying which field is wrong.
+
+    Args:
+        name (str): The config field, e.g. ``'lr'`` or ``'betas[0]'``.
+        value: What the config gave.
+
+    Raises:
+        TypeError: Naming the field, the type given and how to write it.
+
+    Example:
+        >>> check_number('lr', 1e-3)
+        0.001
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = ''
+        if isinstance(value, str):
+            try:
+                hint = (f' (write {name}={float(value)!r} without quotes: a '
+                        'quoted number is a string in a Python config)')
+            except ValueError:
+                pass
+        raise TypeError(
+            f'Invalid {name}={value!r}: it must be a number, got '
+            f'{type(value).__name__}{hint}.')
+    return float(value)
+
+
+def check_momentum(name: str, value: Any) -> float:
+    """Return ``value`` if it is a momentum / EMA coefficient in ``[0, 1)``.
+
+    ``torch.optim.Adam`` refuses betas outside ``[0, 1)``; ``torch.optim.SGD``
+    only refuses negative momentum, but with ``momentum >= 1`` the buffer
+    ``buf = mu * buf + g`` never forgets a gradient and grows without bound,
+    so it is refused here as well.
+
+    Args:
+        name (str): The config field, e.g. ``'momentum'`` or ``'betas[1]'``.
+        value: What the config gave.
+
+    Raises:
+        TypeError: If ``value`` is not a number.
+        ValueError: Naming the field, the range and the usual value.
+
+    Example:
+        >>> check_momentum('momentum', 0.9)
+        0.9
+    """
+    value = check_number(name, value)
+    if not 0.0 <= value < 1.0:
+        usual = {'betas[1]': 0.999}.get(name, 0.9)
+        raise ValueError(
+            f'Invalid {name}={value!r}: a momentum coefficient must lie in '
+            f'[0, 1) (at 1 or above the average never forgets and grows '
+            f'without bound); the usual value is {name}={usual}.')
+    return value
+
+
+def check_refresh_interval(owner: str, name: str, interval: int,
+                           stat_interval: int) -> None:
+    """Refuse a refresh interval shorter than ``stat_interval``.
+
+    A refresh between two statistics steps sees the same factors as the
+    previous one, so ``interval < stat_interval`` only recomputes the same
+    inverses (or bases) again at full cost.
+
+    Raises:
+        ValueError: Naming both fields and the smallest sensible value.
+
+    Example:
+        >>> check_refresh_interval('NKFAC', 'inv_interval', 1000, 100)
+    """
+    if interval < stat_interval:
+        raise ValueError(
+            f'[{owner}] Invalid {name}={interval} < stat_interval='
+            f'{stat_interval}: statistics are only collected every '
+            f'{stat_interval} steps, so refreshes in between recompute the '
+            f'same result. Use {name}={stat_interval} or a multiple of it '
+            f'(the papers use {name} = 10 x stat_interval), or lower '
+            'stat_interval.')
+
+
 def check_damping(value: Any, name: str = 'damping') -> float:
     """Return ``value`` if it is a relative damping ``eta`` in ``(0, 1)``.
 
@@ -72,14 +160,15 @@ def check_damping(value: Any, name: str = 'damping') -> float:
 
 def warn_unaligned_interval(owner: str, name: str, interval: int,
                             stat_interval: int) -> None:
-    """Log once, at build time, if ``interval`` is not a multiple of
-    ``stat_interval``.
+    """Refuse ``interval < stat_interval``; log once, at build time, if
+    ``interval`` is not a multiple of ``stat_interval``.
 
-    It is legal: statistics are folded at steps ``0, S, 2S, ...`` and the
-    refresh at step ``t`` uses the factors as of the last of those, so the
-    refreshes see an uneven number of new statistics and some use factors
-    up to ``S - 1`` steps old.
+    A longer interval that is not a multiple is legal: statistics are
+    folded at steps ``0, S, 2S, ...`` and the refresh at step ``t`` uses
+    the factors as of the last of those, so the refreshes see an uneven
+    number of new statistics and some use factors up to ``S - 1`` steps old.
     """
+    check_refresh_interval(owner, name, interval, stat_interval)
     if interval % stat_interval == 0:
         return
     lo = interval // stat_interval * stat_interval
@@ -135,6 +224,27 @@ def reject_keywords(cls: type, kwargs: Mapping[str, Any]) -> None:
                 f'{k}={kwargs[k]!r}: {rejected[k]}' for k in given))
 
 
+def check_coefficients(cfg: Mapping[str, Any]) -> None:
+    """Check ``momentum`` and ``betas`` in a config before the class sees it.
+
+    The mmprecond optimizers check them in their defaults as well; doing it
+    here also covers the peer optimizers, whose own checks (if any) say
+    less.
+
+    Raises:
+        TypeError, ValueError: As :func:`check_momentum`.
+
+    Example:
+        >>> check_coefficients(dict(type='NKFAC', momentum=0.9))
+    """
+    if 'momentum' in cfg:
+        check_momentum('momentum', cfg['momentum'])
+    betas = cfg.get('betas')
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        check_momentum('betas[0]', betas[0])
+        check_momentum('betas[1]', betas[1])
+
+
 def check_keywords(cls: type, cfg: Mapping[str, Any],
                    ignore: tuple = ('type', )) -> None:
     """Check an optimizer config's keys against what ``cls`` accepts.
@@ -153,6 +263,7 @@ def check_keywords(cls: type, cfg: Mapping[str, Any],
         >>> check_keywords(torch.optim.AdamW, dict(type='AdamW', lr=1e-3))
     """
     reject_keywords(cls, cfg)
+    check_coefficients(cfg)
     valid = accepted_keywords(cls)
     if not valid:
         return  # signature not inspectable, or (*args, **kwargs) only

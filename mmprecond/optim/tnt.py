@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from ..distributed import all_reduce_sum_, world_size
 from ..logging import FallbackLog
 from .base import check_positive, check_unit_interval
+from .checks import check_refresh_interval
 
 
 def tensor_modes(shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -251,6 +252,8 @@ class TNT(Optimizer):
                         ('max_factor_dim', max_factor_dim)):
             if int(v) < 1:
                 raise ValueError(f'Invalid {name}: {v} (>= 1)')
+        check_refresh_interval(type(self).__name__, 'inv_interval',
+                               int(inv_interval), int(stat_interval))
         if int(warm_start_iters) < 0:
             raise ValueError(f'Invalid warm_start_iters: {warm_start_iters}')
         fisher = fisher or self.fisher_default

@@ -6,7 +6,11 @@ Every MMEngine run (mmdet, mmpretrain, ...) writes
 training lines (``loss``, ``lr``, ``time``, ``precond/...`` from
 :class:`~mmprecond.engine.PrecondStatsHook`, keyed by ``step`` = iteration)
 and validation lines (``coco/bbox_mAP``, ``accuracy/top1``, ...; their
-``time`` / ``data_time`` are read as ``val/time`` / ``val/data_time``).  Give this
+``time`` / ``data_time`` are read as ``val/time`` / ``val/data_time``).
+MMEngine writes a validation line's ``step`` as the epoch (``0`` throughout
+an iteration-based run); this tool puts it at the training iteration it was
+computed at instead (epochs times iterations per epoch for epoch-based
+runs).  A run that did not log a requested key is named on the console.  Give this
 tool the work dirs (or the files) of the runs to compare; a run resumed into
 the same work dir is stitched together from its timestamp folders.
 
@@ -53,23 +57,92 @@ def scalar_files(path: str) -> List[str]:
     return files
 
 
-def load_scalars(path: str) -> Scalars:
-    """Every scalar of a run, by key and step (later files win)."""
-    out: Scalars = {}
+def _records(path: str) -> List[dict]:
+    """Every line of a run's ``scalars.json`` files, in the order written."""
+    out = []
     for file in scalar_files(path):
         with open(file) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                record = json.loads(line)
-                step = int(record.pop('step', record.get('iter', 0)))
-                if 'lr' not in record:  # validation: its own time keys
-                    record = {k if '/' in k else f'val/{k}': v
-                              for k, v in record.items()}
-                for key, value in record.items():
-                    if isinstance(value, (int, float)):
-                        out.setdefault(key, {})[step] = float(value)
+            out += [json.loads(line) for line in f if line.strip()]
+    return out
+
+
+def iters_per_epoch(train: Sequence[dict]) -> Optional[int]:
+    """Iterations per epoch of an epoch-based run (``None``: iteration-based).
+
+    An epoch-based run logs ``epoch`` (1-based, the current one) and ``iter``
+    (global) on each training line; ``iter <= epoch * n`` for each, so the
+    largest ``ceil(iter / epoch)`` is ``n`` once any epoch's last logging
+    window closed at its end, and at most one logging interval short of it
+    otherwise.
+    """
+    pairs = [(int(r['epoch']), int(r.get('iter', r.get('step', 0))))
+             for r in train if r.get('epoch')]
+    if not pairs:
+        return None
+    return max(-(-it // ep) for ep, it in pairs)
+
+
+def validation_iter(record: dict, previous_iter: int,
+                    per_epoch: Optional[int], epochs: int = 0) -> int:
+    """The training iteration at which a validation line was computed.
+
+    MMEngine's ``LoggerHook`` writes validation metrics with ``step`` = the
+    epoch by default (``log_metric_by_epoch=True``), which is ``0`` in an
+    iteration-based run, and with ``step`` = the iteration otherwise.  In
+    that order of preference:
+
+    * an ``iter`` field on the line;
+    * for epoch-based runs (``epochs`` logged so far), ``step`` epochs
+      times the iterations per epoch (not before the preceding training
+      line); a ``step`` beyond the epochs logged is an iteration already;
+    * for iteration-based runs, ``step`` if it is an iteration (not before
+      the preceding training line), else the preceding training line's
+      iteration.
+    """
+    if 'iter' in record:
+        return int(record['iter'])
+    step = int(record.get('step', 0))
+    if per_epoch is not None and step <= max(epochs, 1):
+        return max(step * per_epoch, previous_iter)
+    return step if step >= previous_iter > 0 else previous_iter
+
+
+def load_scalars(path: str) -> Scalars:
+    """Every scalar of a run, by key and training iteration (later files win).
+
+    Validation metrics are placed at the iteration they were computed (see
+    :func:`validation_iter`), so they share the x axis with the losses.
+    """
+    records = _records(path)
+    train = [r for r in records if 'lr' in r]
+    per_epoch = iters_per_epoch(train)
+    out: Scalars = {}
+    previous = epochs = 0
+    for record in records:
+        record = dict(record)
+        if 'lr' in record:  # training line: step is the iteration
+            step = int(record.pop('step', record.get('iter', 0)))
+            previous = step
+            epochs = max(epochs, int(record.get('epoch', 0)))
+        else:  # validation: its own time keys, at its iteration
+            step = validation_iter(record, previous, per_epoch, epochs)
+            record.pop('step', None)
+            record = {k if '/' in k else f'val/{k}': v
+                      for k, v in record.items()}
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.setdefault(key, {})[step] = float(value)
+    return out
+
+
+def missing_keys(runs: Sequence[Scalars], labels: Sequence[str],
+                 keys: Sequence[str]) -> Dict[str, List[str]]:
+    """``{run label: [requested keys it did not log]}`` for runs lacking any."""
+    out = {}
+    for scalars, label in zip(runs, labels):
+        lacking = [k for k in keys if not scalars.get(k)]
+        if lacking:
+            out[label] = lacking
     return out
 
 
@@ -150,6 +223,9 @@ def main(argv: Optional[list] = None) -> None:
     if missing:
         known = sorted({k for r in runs for k in r})
         raise SystemExit(f'no run logged {missing}; logged keys: {known}')
+    for label, lacking in missing_keys(runs, labels, args.keys).items():
+        print(f'{label}: no {", ".join(lacking)} logged; its line is missing '
+              f'from the panel(s) {", ".join(lacking)}')
     plot(runs, labels, args.keys, args.out, args.x, args.title)
     print(f'saved {args.out}')
 

@@ -34,7 +34,12 @@ What changes (and nothing else):
   relative crop sizes and ratios are untouched) is multiplied by
   ``--img-size / reference``, the reference being the zoo's 800 px short
   side for COCO and 224 px crop for ImageNet.  Detection defaults to 160
-  px (the synthetic images' size).  Classification defaults to 224 px,
+  px (the synthetic images' size), except for the two-stage DETR-style
+  detectors (DINO, Deformable DETR with ``as_two_stage``): they take
+  ``num_queries`` (DINO: 900) of the encoder's tokens with ``topk``, so the
+  default becomes the smallest size whose smallest training scale gives
+  that many (DINO-4scale: 335 px), and a smaller ``--img-size`` stops with
+  a message naming the size to use.  Classification defaults to 224 px,
   i.e. unchanged: mmpretrain's Swin asserts that every stage's feature map
   is at least one 7x7 window, which needs 224 px inputs.
 * **Pretrained weights.**  ``init_cfg=dict(type='Pretrained', ...)`` and
@@ -42,7 +47,10 @@ What changes (and nothing else):
   downloaded offline; the model trains from its random init), and so is
   ``load_from``.
 * **Length.**  ``IterBasedTrainLoop`` for ``--max-iters`` iterations with
-  one validation at the end; checkpoints by iteration.  Parameter
+  one validation and one checkpoint at the end.  The ``LoggerHook`` and
+  ``PrecondStatsHook`` intervals become at most ``max_iters // 5`` (at
+  least 1, at most 10 for the logger), so even a 2-iteration run logs its
+  losses and optimizer statistics.  Parameter
   schedulers are kept as they are (an epoch-based one without ``end`` gets
   the zoo config's ``max_epochs`` so it means the same).
 * **Batch.**  ``--batch-size`` images per GPU (default 2; ``0`` keeps the
@@ -91,6 +99,18 @@ DATA_KEYS = ('type', 'data_root', 'ann_file', 'data_prefix', 'metainfo')
 #: Dataset keys kept from the zoo config when the dataset type is unchanged.
 KEPT_DATASET_KEYS = ('pipeline', 'filter_cfg', 'test_mode', 'backend_args')
 SPLITS = ('train', 'val', 'test')
+#: DETR-style detectors (``model.type``).  The two-stage ones (DINO, and
+#: Deformable DETR with ``as_two_stage=True``) pick ``num_queries`` of the
+#: encoder's tokens with ``topk``, so the smallest training image must give
+#: at least that many tokens (DINO: 900; at 160 px it has about 534).
+DETR_TYPES = ('DETR', 'DeformableDETR', 'ConditionalDETR', 'DABDETR', 'DINO')
+#: Resize transforms whose ``scale`` / ``scales`` set the short side.
+RESIZE_TYPES = ('Resize', 'RandomResize', 'RandomChoiceResize',
+                'FixShapeResize')
+#: Logged points a run of ``--max-iters`` iterations gets at least (when the
+#: config's interval is longer): logger and ``PrecondStatsHook`` intervals
+#: become at most ``max_iters // LOGGED_POINTS`` (and at least 1).
+LOGGED_POINTS = 5
 
 
 def task_of(cfg: Config) -> str:
@@ -276,6 +296,101 @@ def ensure_synthetic_data(task: str, data_root: str) -> None:
             ensure_synthetic_cls(data_root)
 
 
+def _short_sides(transform: dict) -> List[int]:
+    """The short sides (pixels) a resize transform can produce."""
+    sides = []
+    scales = transform.get('scales', transform.get('scale'))
+    if isinstance(scales, int):
+        scales = [scales]
+    elif isinstance(scales, tuple) or (
+            isinstance(scales, list) and scales and isinstance(scales[0], int)):
+        scales = [scales]
+    for scale in scales or []:
+        side = min(scale) if isinstance(scale, (list, tuple)) else scale
+        ratio = transform.get('ratio_range')
+        if transform.get('type') == 'RandomResize' and ratio:
+            side = side * min(ratio)
+        sides.append(int(side))
+    return sides
+
+
+def min_short_side(pipeline: Any, side: Optional[int] = None) -> Optional[int]:
+    """The smallest short side a (scaled) pipeline gives a square image.
+
+    The last resize of each path through the pipeline (``RandomChoice``
+    branches are followed separately) sets the short side; an absolute
+    ``RandomCrop`` after it can shorten it.  ``None`` if nothing resizes.
+    """
+    for t in pipeline or []:
+        if not isinstance(t, dict):
+            continue
+        kind = str(t.get('type', '')).split('.')[-1]
+        if kind in RESIZE_TYPES and _short_sides(t):
+            side = min(_short_sides(t))
+        elif kind == 'RandomChoice':
+            ends = [min_short_side(branch, side)
+                    for branch in t.get('transforms', [])]
+            ends = [e for e in ends if e is not None]
+            side = min(ends) if ends else side
+        elif kind == 'RandomCrop' and side is not None and t.get(
+                'crop_type', 'absolute') in ('absolute', 'absolute_range'):
+            crop = t.get('crop_size')
+            if isinstance(crop, (list, tuple)) and all(
+                    isinstance(c, int) for c in crop):
+                side = min(side, min(crop))
+    return side
+
+
+def encoder_tokens(model: dict, side: int) -> int:
+    """Encoder tokens of a DETR-style detector on a ``side`` px square image.
+
+    The backbone's first output stride is ``4 * 2**min(out_indices)``
+    (ResNet / Swin); each further level halves it (the extra levels are
+    stride-2 convolutions); the neck's ``num_outs`` levels in all.
+    """
+    out_indices = model.get('backbone', {}).get('out_indices', (3, ))
+    stride = 4 * 2**min(out_indices)
+    neck = model.get('neck') or {}
+    attn = ((model.get('encoder') or {}).get('layer_cfg') or {}).get(
+        'self_attn_cfg') or {}
+    levels = int(model.get('num_feature_levels') or neck.get('num_outs')
+                 or attn.get('num_levels') or len(out_indices))
+    return sum((-(-side // (stride * 2**lvl)))**2 for lvl in range(levels))
+
+
+def detr_queries_from_tokens(model: dict) -> int:
+    """How many encoder tokens a DETR-style model takes with ``topk`` (0: none)."""
+    kind = str(model.get('type', '')).split('.')[-1]
+    if kind == 'DINO' or (kind == 'DeformableDETR'
+                          and model.get('as_two_stage', False)):
+        return int(model.get('num_queries', 300))
+    return 0
+
+
+def smallest_img_size(cfg: Config, factor_of: Any, start: int) -> int:
+    """The smallest ``--img-size >= start`` at which a two-stage DETR runs.
+
+    ``factor_of(img_size)`` is the pipeline scale factor.  Every train and
+    test pipeline's smallest short side must give the encoder at least
+    ``num_queries`` tokens.
+    """
+    needed = detr_queries_from_tokens(cfg.model)
+    size = start
+    while needed and size < 4096:
+        sides = []
+        for split in SPLITS:
+            loader = cfg.get(f'{split}_dataloader')
+            if loader:
+                pipeline = _leaf_dataset(loader['dataset']).get('pipeline')
+                side = min_short_side(scale_sizes(pipeline, factor_of(size)))
+                if side is not None:
+                    sides.append(side)
+        if all(encoder_tokens(cfg.model, s) >= needed for s in sides):
+            return size
+        size += 1
+    return size
+
+
 def synthetic_config(cfg: Config,
                      data_root: Optional[str] = None,
                      img_size: Optional[int] = None,
@@ -309,6 +424,20 @@ def synthetic_config(cfg: Config,
     task = task_of(cfg)
     base = Config.fromfile(SYNTHETIC_BASES[task])
     classes = base.metainfo['classes']
+    if task == 'det' and str(cfg.model.get('type', '')).split(
+            '.')[-1] in DETR_TYPES:
+        need = smallest_img_size(cfg, lambda s: s / REFERENCE_SIZE[task],
+                                 DEFAULT_IMG_SIZE[task])
+        if img_size is None:
+            img_size = need
+        elif img_size < need:
+            raise ValueError(
+                f'{cfg.model.type} picks num_queries={cfg.model.num_queries} '
+                f'encoder tokens with topk, and at img_size={img_size} the '
+                'smallest training scale of its pipeline gives fewer (mmdet '
+                "would stop with 'RuntimeError: selected index k out of "
+                f"range'). Use --img-size {need} or more (img_size={need} in "
+                'Python).')
     if img_size is None:
         img_size = DEFAULT_IMG_SIZE[task]
     factor = img_size / REFERENCE_SIZE[task]
@@ -355,9 +484,14 @@ def synthetic_config(cfg: Config,
                 checkpoint=dict(
                     type='CheckpointHook', by_epoch=False,
                     interval=max_iters, max_keep_ckpts=1))))
+    interval = max(1, max_iters // LOGGED_POINTS)
     logger = cfg.default_hooks.get('logger')
     if logger:
-        logger['interval'] = min(logger.get('interval', 10), 10)
+        logger['interval'] = min(logger.get('interval', 10), 10, interval)
+        interval = logger['interval']
+    for hook in cfg.get('custom_hooks') or []:
+        if str(hook.get('type', '')).endswith('PrecondStatsHook'):
+            hook['interval'] = min(hook.get('interval', 50), interval)
 
     if fp32 and cfg.optim_wrapper.get('type') == 'AmpOptimWrapper':
         cfg.optim_wrapper['type'] = 'OptimWrapper'
