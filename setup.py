@@ -3,8 +3,11 @@
 import os
 import os.path as osp
 import shutil
+import sys
+import sysconfig
 
 from setuptools import find_packages, setup
+from setuptools.command.editable_wheel import editable_wheel
 
 HERE = osp.dirname(osp.abspath(__file__))
 
@@ -39,6 +42,52 @@ def add_mim_extension() -> None:
                 shutil.copyfile(src, dst)
 
 
+def link_package_into_site_packages() -> None:
+    """Make ``<site-packages>/mmprecond`` a symlink to the source package.
+
+    Why: ``mim train mmprecond CONFIG`` (openmim 0.3.9) and MMEngine's
+    ``mmprecond::`` configs find the package as ``<dist location>/mmprecond``,
+    where the dist location is the folder holding its metadata.  An editable
+    install by pip and setuptools >= 64 (PEP 660; ``mim install -e .`` runs
+    the same pip) puts the metadata in site-packages but no ``mmprecond/``
+    folder there: the import reaches the source tree through an import hook.
+    No setuptools option changes that: ``editable_mode=compat`` also installs
+    the metadata into site-packages, and since setuptools 80 even
+    ``setup.py develop`` goes through pip and PEP 660.  So the editable build
+    links the package into the site-packages of the interpreter that runs it
+    (pip runs the build backend with the target interpreter, isolated build
+    or not).  Python then imports the package through that link (it comes
+    before the hook), the same source files.  Installs to another scheme
+    (``--user``, ``--prefix``, ``--target``) do not get the link.
+    ``pip uninstall mmprecond`` leaves it behind (pip never knew about it).
+    """
+    site = sysconfig.get_paths()['purelib']
+    dst = osp.join(site, 'mmprecond')
+    src = osp.join(HERE, 'mmprecond')
+    if osp.lexists(dst) and not osp.islink(dst):
+        # a regular install's folder, which pip removes after this build:
+        # linking now would not survive it
+        print(f'mmprecond: {dst} exists and is not a link; run the editable '
+              'install again so that mim finds the sources', file=sys.stderr)
+        return
+    try:
+        if osp.islink(dst):
+            os.remove(dst)
+        os.symlink(src, dst)
+    except OSError as e:
+        print(f'mmprecond: could not link {dst} -> {src} ({e}); '
+              '`mim train mmprecond` will not find the configs',
+              file=sys.stderr)
+
+
+class EditableWheelWithLink(editable_wheel):
+    """``editable_wheel`` that also runs :func:`link_package_into_site_packages`."""
+
+    def run(self) -> None:
+        super().run()
+        link_package_into_site_packages()
+
+
 if __name__ == '__main__':
     add_mim_extension()
     setup(
@@ -68,6 +117,8 @@ if __name__ == '__main__':
             # third-party optimizers for compare_optimizers.py
             'peers': ['pytorch-optimizer>=4.1,<5', 'singd>=0.0.5,<0.1'],
         },
+        # only editable builds link (a regular wheel holds the package)
+        cmdclass={'editable_wheel': EditableWheelWithLink},
         license='Apache License 2.0',
         zip_safe=False,
     )
