@@ -7,7 +7,11 @@ import sys
 import sysconfig
 
 from setuptools import find_packages, setup
-from setuptools.command.editable_wheel import editable_wheel
+
+try:
+    from setuptools.command.editable_wheel import editable_wheel
+except ImportError:  # setuptools < 64: `setup.py develop`, which mim handles
+    editable_wheel = None
 
 HERE = osp.dirname(osp.abspath(__file__))
 
@@ -57,9 +61,12 @@ def link_package_into_site_packages() -> None:
     links the package into the site-packages of the interpreter that runs it
     (pip runs the build backend with the target interpreter, isolated build
     or not).  Python then imports the package through that link (it comes
-    before the hook), the same source files.  Installs to another scheme
-    (``--user``, ``--prefix``, ``--target``) do not get the link.
-    ``pip uninstall mmprecond`` leaves it behind (pip never knew about it).
+    before the hook), the same source files.  The build cannot see pip's
+    install scheme: with ``--user``, ``--prefix`` or ``--target`` the link
+    still lands in the interpreter's default site-packages (if writable),
+    not next to the metadata.  ``pip uninstall mmprecond`` leaves the link
+    behind (pip never knew about it).  pip shows the messages below only
+    with ``-v``.
     """
     site = sysconfig.get_paths()['purelib']
     dst = osp.join(site, 'mmprecond')
@@ -80,12 +87,18 @@ def link_package_into_site_packages() -> None:
               file=sys.stderr)
 
 
-class EditableWheelWithLink(editable_wheel):
-    """``editable_wheel`` that also runs :func:`link_package_into_site_packages`."""
+if editable_wheel is not None:
 
-    def run(self) -> None:
-        super().run()
-        link_package_into_site_packages()
+    class EditableWheelWithLink(editable_wheel):
+        """``editable_wheel`` that also links the package for mim."""
+
+        def run(self) -> None:
+            super().run()
+            link_package_into_site_packages()
+
+    CMDCLASS = {'editable_wheel': EditableWheelWithLink}
+else:
+    CMDCLASS = {}
 
 
 if __name__ == '__main__':
@@ -118,7 +131,7 @@ if __name__ == '__main__':
             'peers': ['pytorch-optimizer>=4.1,<5', 'singd>=0.0.5,<0.1'],
         },
         # only editable builds link (a regular wheel holds the package)
-        cmdclass={'editable_wheel': EditableWheelWithLink},
+        cmdclass=CMDCLASS,
         license='Apache License 2.0',
         zip_safe=False,
     )

@@ -45,24 +45,31 @@ case "$INSTALLER" in
 esac > "$TMP/install.log" 2>&1 || { tail -n 30 "$TMP/install.log" >&2; fail "$INSTALLER install -e"; }
 
 # mim's own lookup, and the package the new venv imports, are this checkout's
+# (from $TMP: `python -`/`-m` put the working folder first on sys.path, and
+# a source tree's *.egg-info there would decide pkg_resources' answer)
+cd "$TMP"
 "$VPY" - "$ROOT" <<'PY' || fail "mim does not find this checkout"
 import os.path as osp
 import sys
 
 from mim.utils import get_installed_path
+from mmengine.utils import get_installed_path as mmengine_installed_path
 
 import mmprecond
 
 root = sys.argv[1]
 pkg_root = get_installed_path('mmprecond')
 print(f'[mim_editable] mim finds mmprecond at {pkg_root}')
-ok = osp.isdir(pkg_root) and osp.samefile(pkg_root, osp.join(root, 'mmprecond'))
+if not osp.isdir(pkg_root):
+    sys.exit(f'[mim_editable] {pkg_root} does not exist')
+ok = osp.samefile(pkg_root, osp.join(root, 'mmprecond'))
+# MMEngine resolves `mmprecond::` config paths the same way
+ok &= osp.samefile(mmengine_installed_path('mmprecond'), pkg_root)
 ok &= osp.samefile(mmprecond.__file__, osp.join(root, 'mmprecond', '__init__.py'))
 sys.exit(0 if ok else 1)
 PY
 
 # the demo configs read data/synthetic_coco/ relative to the working folder
-cd "$TMP"
 "$VPY" -m mmprecond.datasets.synthetic coco --out data/synthetic_coco \
   --num-train 4 --num-val 2 > /dev/null
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$VPY" -m mim train mmprecond "$CONFIG" \
