@@ -97,9 +97,6 @@ PY
 # reports the missing opendatalab; that is expected.
 "${PIP[@]}" --no-deps "openmim==0.3.9"
 "${PIP[@]}" click colorama model-index pandas requests rich tabulate
-# mim (and MMEngine for `mmprecond::` configs) look for the package at
-# <site-packages>/mmprecond, which a PEP 660 editable install does not
-# create: link it to the source tree.
-SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-ln -sfn "$ROOT/mmprecond" "$SITE/mmprecond"
+# (`mim train mmprecond` finds the sources through <site-packages>/mmprecond,
+# which the editable install above links: see setup.py)
 echo "$WANT" > "$STAMP"
