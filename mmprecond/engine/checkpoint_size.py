@@ -110,14 +110,17 @@ def expected_state_report(optimizer, top: int = 5) -> str:
                  if p.requires_grad)
     per_param = 2 if getattr(optimizer, 'base', 'sgdm') == 'adamw' else 1
     base = per_param * params
-    layers = getattr(optimizer, 'layers', {}) or {}
+    # Kronecker factors only where the optimizer captures them (AdaFisher's
+    # per-layer curvature is diagonal: no capture_sides, no factors here)
+    sides = getattr(optimizer, 'capture_sides', None)
+    layers = (getattr(optimizer, 'layers', {}) or {}) if sides else {}
     derived_kind = 'bases' if type(optimizer).__name__ == 'AdamR' else 'inverses'
     mode = getattr(optimizer, 'checkpoint_inverses', True)
     factors = derived = 0
     largest: List[Tuple[str, int, int]] = []
     for name, module in layers.items():
         d_out, d_in = factor_dims(module)
-        want_x, want_g = optimizer.capture_sides(module)
+        want_x, want_g = sides(module)
         for side, d, want in (('L', d_out, want_g), ('R', d_in, want_x)):
             if want:
                 factors += 4 * d * (d + 1) // 2

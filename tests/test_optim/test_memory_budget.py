@@ -21,7 +21,7 @@ def factor_bytes_held(opt):
     (FSGD, dict(precondition_convs=True)), (SGDM_BK, {}), (Shampoo, {})])
 def test_budget_is_enforced_on_the_state_really_held(tmp_path, cls, kw):
     ref = tiny_cnn()
-    full = cls(ref.parameters(), model=ref, **kw)
+    full = cls(ref.parameters(), model=ref, stat_interval=1, **kw)
     costs = {n: full.factor_bytes(m) for n, m in full.layers.items()}
     # a budget between the two largest layers' sizes drops exactly the largest
     ranked = sorted(costs.values(), reverse=True)
