@@ -11,7 +11,10 @@ from conftest import REPO_ROOT, run_command
 SCRIPT = REPO_ROOT / 'tools' / 'ci' / 'mim_editable_check.sh'
 
 
+# .ci/run runs the script once more after the suites; here it is part of
+# make test-zoo, outside make test's time budget
 @pytest.mark.slow
+@pytest.mark.zoo
 @pytest.mark.parametrize('installer', ['pip', 'mim'])
 def test_editable_install_serves_mim_train(installer: str, tmp_path) -> None:
     """``<installer> install -e .`` then ``mim train`` by config name."""
