@@ -34,7 +34,7 @@ help:
 	@echo "make test       the test suite, slow end-to-end tests included (one zoo"
 	@echo "                config per model family x optimizer)"
 	@echo "make test-fast  the tests not marked slow or zoo"
-	@echo "make test-zoo   every zoo config (tests/test_configs)"
+	@echo "make test-zoo   every zoo config (tests/test_configs) and the other zoo-marked tests"
 	@echo "make lint       ruff"
 	@echo "make bench      run every benchmarks/bench_*.py"
 
@@ -61,6 +61,8 @@ test-fast: env
 
 test-zoo: env
 	$(VENV_PY) -m pytest -q $(XDIST) --durations=10 $(PYTEST_ARGS) tests/test_configs
+	$(VENV_PY) -m pytest -q $(XDIST) --durations=10 -m zoo $(PYTEST_ARGS) \
+		tests --ignore=tests/test_configs
 
 lint: env
 	$(VENV_PY) -m ruff check .
