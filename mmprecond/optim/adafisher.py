@@ -16,7 +16,12 @@ from torch.optim import Optimizer
 from ..curvature.diagonal import NORM_TYPES, DiagonalCapture, diagonal_reason
 from ..distributed import all_reduce_sum_, world_size
 from ..logging import FallbackLog
-from .base import MISSING_MODEL_MSG, check_positive, check_unit_interval
+from .base import (
+    MISSING_MODEL_MSG,
+    check_positive,
+    check_unit_interval,
+    finite_flags,
+)
 
 #: The two statistics rules (see :class:`AdaFisher`).
 STATISTICS_RULES = ('paper', 'code')
@@ -331,9 +336,7 @@ class AdaFisher(Optimizer):
                  if p.grad is not None and not p.grad.is_sparse]
         if not grads:
             return None
-        norms = torch._foreach_norm(grads)
-        dev = norms[0].device
-        ok = torch.isfinite(torch.stack([n.to(dev) for n in norms])).all()
+        ok = finite_flags(grads).all()
         self.fallbacks.record_flags(
             'nonfinite_gradient_skipped', ok.logical_not().reshape(1), ['step'],
             'non-finite gradient: the step was skipped (weights, momentum and '

@@ -85,6 +85,17 @@ def check_unit_interval(name: str, value: float) -> None:
         raise ValueError(f'Invalid {name}: {value} (must be in [0, 1))')
 
 
+def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
+    """One device bool per tensor: all its entries are finite.
+
+    One ``_foreach_norm`` (a norm is finite iff every entry is), stacked on
+    the first tensor's device; nothing is read back to the host.
+    """
+    norms = torch._foreach_norm(list(tensors))
+    dev = norms[0].device
+    return torch.isfinite(torch.stack([n.to(dev) for n in norms]))
+
+
 def sgdm_update(group: Dict[str, Any], state: Dict[Tensor, Dict[str, Any]],
                 directions: Dict[Tensor, Tensor]) -> None:
     """``torch.optim.SGD`` semantics (coupled L2 weight decay, no dampening).
@@ -830,9 +841,7 @@ class PrecondOptimizer(Optimizer):
         if not params:
             return True
         grads = [p.grad for p in params]
-        norms = torch._foreach_norm(grads)
-        bad = torch.isfinite(torch.stack([n.to(norms[0].device)
-                                          for n in norms])).logical_not_()
+        bad = finite_flags(grads).logical_not_()
         if self.skip_nonfinite_steps:
             if not bool(bad.any()):
                 return True

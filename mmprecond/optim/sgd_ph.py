@@ -17,7 +17,7 @@ from torch.optim.sgd import sgd as sgd_functional
 
 from ..distributed import all_reduce_sum_, world_size
 from ..logging import FallbackLog
-from .base import check_positive, check_unit_interval
+from .base import check_positive, check_unit_interval, finite_flags
 
 #: Raised by a product that did not fit; re-raised, never a reason to disable.
 _OUT_OF_MEMORY = getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)
@@ -396,9 +396,7 @@ class SGD_PH(Optimizer):
                  if p.grad is not None and not p.grad.is_sparse]
         if not grads:
             return None
-        norms = torch._foreach_norm(grads)
-        dev = norms[0].device
-        ok = torch.isfinite(torch.stack([n.to(dev) for n in norms])).all()
+        ok = finite_flags(grads).all()
         self.fallbacks.record_flags(
             'nonfinite_gradient_skipped', ok.logical_not().reshape(1), ['step'],
             'non-finite gradient: the step was skipped (weights, momentum and '

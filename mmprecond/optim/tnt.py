@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from ..distributed import all_reduce_sum_, world_size
 from ..logging import FallbackLog
-from .base import check_positive, check_unit_interval
+from .base import check_positive, check_unit_interval, finite_flags
 from .checks import check_refresh_interval
 
 
@@ -338,9 +338,7 @@ class TNT(Optimizer):
         grads = [p.grad for p in self.fisher_params if p.grad is not None]
         if not grads:
             return None
-        norms = torch._foreach_norm(grads)
-        dev = norms[0].device
-        return torch.isfinite(torch.stack([n.to(dev) for n in norms])).all()
+        return finite_flags(grads).all()
 
     def _fold(self, grads: Dict[Tensor, Tensor], warm: bool,
               grads_ok: Optional[Tensor] = None) -> None:
