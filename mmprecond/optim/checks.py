@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from mmengine.logging import print_log
 
-__all__ = ['check_interval', 'check_damping', 'check_budget', 'check_number',
+__all__ = ['check_interval', 'check_integer', 'RENAMED_KEYWORDS',
+           'check_damping', 'check_budget', 'check_number',
            'check_momentum', 'check_coefficients', 'check_refresh_interval',
            'warn_unaligned_interval',
            'accepted_keywords', 'check_keywords', 'reject_keywords']
@@ -22,6 +23,11 @@ __all__ = ['check_interval', 'check_damping', 'check_budget', 'check_number',
 #: into the base's dict, so they reach the optimizer unless the child config
 #: says ``_delete_=True``.
 SGD_ONLY_KEYS = ('momentum', 'nesterov', 'dampening')
+
+#: Keywords of earlier releases and their current names (one vocabulary for
+#: every family, ``docs/vocabulary.md``).  A config that still uses an old
+#: name fails at build time with the new one in the message.
+RENAMED_KEYWORDS: Dict[str, str] = {}
 
 
 def check_interval(name: str, value: Any) -> int:
@@ -50,6 +56,37 @@ def check_interval(name: str, value: Any) -> int:
         raise ValueError(
             f'Invalid {name}={value}: it counts optimizer steps and must be '
             f'>= 1 ({name}=1 means every step).')
+    return int(value)
+
+
+def check_integer(name: str, value: Any, minimum: int = 0) -> int:
+    """Return ``value`` if it is an integer ``>= minimum`` (not a bool).
+
+    The one validator of integer keywords that are not step intervals
+    (iteration counts, history lengths, sizes): ``ns_iters=10.7`` is refused
+    rather than truncated to 10.
+
+    Args:
+        name (str): The config field, e.g. ``'ns_iters'``.
+        value: What the config gave.
+        minimum (int): The smallest accepted value.
+
+    Raises:
+        ValueError: For floats, bools, strings and values ``< minimum``.
+
+    Example:
+        >>> check_integer('ns_iters', 10, minimum=1)
+        10
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        hint = ''
+        if isinstance(value, numbers.Real) and float(value).is_integer():
+            hint = f' (write {name}={int(value)})'
+        raise ValueError(
+            f'Invalid {name}={value!r}: an integer >= {minimum} is '
+            f'required{hint}.')
+    if value < minimum:
+        raise ValueError(f'Invalid {name}={value}: must be >= {minimum}.')
     return int(value)
 
 
@@ -216,6 +253,13 @@ def reject_keywords(cls: type, kwargs: Mapping[str, Any]) -> None:
     Raises:
         ValueError: Naming each such keyword and why it does not apply.
     """
+    renamed = [k for k in kwargs if k in RENAMED_KEYWORDS]
+    if renamed:
+        raise ValueError(
+            f'{cls.__name__}: ' + '; '.join(
+                f'{k} was renamed {RENAMED_KEYWORDS[k]} (write '
+                f'{RENAMED_KEYWORDS[k]}={kwargs[k]!r})' for k in renamed)
+            + '. See docs/vocabulary.md.')
     rejected: Dict[str, str] = getattr(cls, 'rejected_keywords', {})
     given = [k for k in kwargs if k in rejected]
     if given:
