@@ -10,8 +10,6 @@ from typing import Any, Dict, List, Tuple
 
 from torch import Tensor
 
-from ..curvature.capture import factor_dims
-
 MIB = float(1 << 20)
 
 #: Kinds of ``layer_state`` entries, by key.
@@ -103,29 +101,22 @@ def expected_state_report(optimizer, top: int = 5) -> str:
     and the rotated Adam moments), the fp32 factors packed to their upper
     triangle, and, where the optimizer keeps them, inverses or eigenbases
     at full size (an upper bound: see ``docs/checkpoints.md`` for when
-    they are left out).
+    they are left out), as the optimizer's
+    :meth:`~mmprecond.protocol.EngineProtocol.checkpoint_layout` describes
+    them.
     """
     params = sum(p.numel() * p.element_size()
                  for g in optimizer.param_groups for p in g['params']
                  if p.requires_grad)
-    per_param = 2 if getattr(optimizer, 'base', 'sgdm') == 'adamw' else 1
-    base = per_param * params
-    # Kronecker factors only where the optimizer captures them (AdaFisher's
-    # per-layer curvature is diagonal: no capture_sides, no factors here)
-    sides = getattr(optimizer, 'capture_sides', None)
-    layers = (getattr(optimizer, 'layers', {}) or {}) if sides else {}
-    derived_kind = 'bases' if type(optimizer).__name__ == 'AdamR' else 'inverses'
-    mode = getattr(optimizer, 'checkpoint_inverses', True)
+    layout = optimizer.checkpoint_layout()
+    base = layout.per_param_buffers * params
+    derived_kind, mode = layout.derived_kind, layout.derived_mode
     factors = derived = 0
     largest: List[Tuple[str, int, int]] = []
-    for name, module in layers.items():
-        d_out, d_in = factor_dims(module)
-        want_x, want_g = sides(module)
-        for side, d, want in (('L', d_out, want_g), ('R', d_in, want_x)):
-            if want:
-                factors += 4 * d * (d + 1) // 2
-                derived += 4 * d * d
-                largest.append((f'{name}.{side}', d, 4 * d * (d + 1) // 2))
+    for label, d in layout.factors:
+        factors += 4 * d * (d + 1) // 2
+        derived += 4 * d * d
+        largest.append((label, d, 4 * d * (d + 1) // 2))
     if mode is False:
         derived = 0
     largest.sort(key=lambda e: (-e[2], e[0]))

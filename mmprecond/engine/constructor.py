@@ -4,11 +4,14 @@ import inspect
 from typing import List, Optional, Union
 
 import torch.nn as nn
-from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
+from mmengine.model import is_model_wrapper
+from mmengine.optim import AmpOptimWrapper, DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
 
 from ..optim.checks import check_keywords
 from ..optim.peers import PEER_PACKAGES
+from ..protocol import EngineProtocol
+from .hessian_wrapper import HessianOptimWrapper
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -74,7 +77,7 @@ class PrecondOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         built = OPTIM_WRAPPER_CONSTRUCTORS.build(
             dict(type=base, optim_wrapper_cfg=optim_wrapper_cfg,
                  paramwise_cfg=paramwise_cfg))
-        if not callable(getattr(built, 'add_params', None)):
+        if not isinstance(built, DefaultOptimWrapperConstructor):
             raise TypeError(
                 f'base_constructor={base!r} has no add_params(params, module) '
                 'method, so its parameter groups cannot be reused; it must be '
@@ -94,7 +97,7 @@ class PrecondOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         return model.parameters()
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
-        if hasattr(model, 'module'):
+        if is_model_wrapper(model):
             model = model.module
         optim_wrapper_cfg = self.optim_wrapper_cfg.copy()
         optim_wrapper_cfg.setdefault('type', 'OptimWrapper')
@@ -114,15 +117,16 @@ class PrecondOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         check_keywords(optimizer_cls, optimizer_cfg)
         first_arg = next(iter(inspect.signature(optimizer_cls).parameters))
         optimizer_cfg[first_arg] = self._param_groups(model)
-        if getattr(optimizer_cls, 'requires_model', False):
+        ours = (isinstance(optimizer_cls, type)
+                and issubclass(optimizer_cls, EngineProtocol))
+        if ours and optimizer_cls.requires_model:
             optimizer_cfg['model'] = model
         optimizer = OPTIMIZERS.build(optimizer_cfg)
         optim_wrapper = OPTIM_WRAPPERS.build(
             optim_wrapper_cfg, default_args=dict(optimizer=optimizer))
-        attach_model = getattr(optim_wrapper, 'attach_model', None)
-        if attach_model is not None:  # HessianOptimWrapper's companion
-            attach_model(model)
-        scaler: Optional[object] = getattr(optim_wrapper, 'loss_scaler', None)
-        if scaler is not None and hasattr(optimizer, 'attach_grad_scaler'):
-            optimizer.attach_grad_scaler(scaler)
+        if isinstance(optim_wrapper, HessianOptimWrapper):  # its companion
+            optim_wrapper.attach_model(model)
+        if (isinstance(optim_wrapper, AmpOptimWrapper)
+                and isinstance(optimizer, EngineProtocol)):
+            optimizer.attach_grad_scaler(optim_wrapper.loss_scaler)
         return optim_wrapper

@@ -9,8 +9,14 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 from torch import Tensor
 
+from ..curvature.hessian import PartialHessian, channel_params, fold_hessian_diag_
 from ..logging import FallbackLog
-from ..optim.sgd_ph import PartialHessian, channel_params, fold_hessian_diag_
+from ..protocol import EngineProtocol
+
+
+def _own_hessian(optimizer) -> bool:
+    """Whether ``optimizer`` forms its Hessian products itself (SGD_PH)."""
+    return isinstance(optimizer, EngineProtocol) and optimizer.prepares_hessian
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -70,7 +76,7 @@ class HessianOptimWrapper(OptimWrapper):
             unknown = set(partial_hessian) - {'tau', 'eps', 'decay'}
             if unknown:
                 raise ValueError(f'unknown partial_hessian keys: {sorted(unknown)}')
-            if hasattr(optimizer, 'prepare_hessian'):
+            if _own_hessian(optimizer):
                 raise ValueError(f'{type(optimizer).__name__} already has its '
                                  'partial Hessian; drop partial_hessian=')
             self.ph_cfg = dict(dict(tau=1e-3, eps=1e-4, decay=0.9),
@@ -84,14 +90,17 @@ class HessianOptimWrapper(OptimWrapper):
             return
         owned = {id(p) for g in self.optimizer.param_groups for p in g['params']}
         params = [p for p in channel_params(model) if id(p) in owned]
-        log = getattr(self.optimizer, 'fallbacks', None) or FallbackLog(
+        ours = self.optimizer if isinstance(self.optimizer, EngineProtocol) \
+            else None
+        log = (ours.fallbacks if ours is not None else None) or FallbackLog(
             type(self).__name__)
         self.partial_hessian = PartialHessian(params, log)
         self._diag = [torch.zeros_like(p) for p in params]
 
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """Hessian preparation, then ``loss.backward(**kwargs)``."""
-        prepare = getattr(self.optimizer, 'prepare_hessian', None)
+        prepare = (self.optimizer.prepare_hessian
+                   if _own_hessian(self.optimizer) else None)
         if prepare is None and self.partial_hessian is not None:
             prepare = self.partial_hessian.prepare
         elif prepare is None and self.ph_cfg is not None:

@@ -1,7 +1,7 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """Training-log visibility for preconditioned optimizers."""
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from mmengine.hooks import Hook
@@ -9,37 +9,16 @@ from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 from torch import Tensor
 
-from ..curvature.capture import gradient_matrix
-from ..linalg import estimate_residual, power_iteration_lmax
-from ..optim.fsgd import FeatureDescent
+from ..protocol import EngineProtocol, tensor_megabytes
 from .checkpoint_size import expected_state_report, saved_state_report
+from .second_pass import wrapped_optimizer
+
+__all__ = ['PrecondStatsHook', 'optimizer_state_megabytes', 'tensor_megabytes']
 
 #: Phases of :attr:`PrecondOptimizer.phase_seconds`, in step order.
 PHASES = ('statistics', 'refresh', 'precondition')
 #: Checkpoint key under which the hook keeps its and the optimizer's counters.
 CHECKPOINT_KEY = 'precond_stats'
-MB = float(1 << 20)
-
-
-def _tensors(values: Iterable) -> Iterator[Tensor]:
-    """The tensors in ``values``, looking inside lists, tuples and dicts."""
-    for v in values:
-        if isinstance(v, Tensor):
-            yield v
-        elif isinstance(v, (list, tuple)):
-            yield from _tensors(v)
-        elif isinstance(v, dict):
-            yield from _tensors(v.values())
-
-
-def tensor_megabytes(tensors: Iterable) -> float:
-    """Total size in MiB of the tensors in ``tensors`` (others are skipped).
-
-    Lists, tuples and dicts are searched too (e.g. the per-dimension
-    factor lists of pytorch-optimizer's SOAP).  Reads only shapes and
-    dtypes, never device values.
-    """
-    return sum(t.numel() * t.element_size() for t in _tensors(tensors)) / MB
 
 
 def optimizer_state_megabytes(optimizer) -> Tuple[float, float]:
@@ -47,39 +26,14 @@ def optimizer_state_megabytes(optimizer) -> Tuple[float, float]:
 
     *All state* is the per-parameter state of any ``torch.optim.Optimizer``
     (momentum buffers, Adam moments) plus, for mmprecond's optimizers, the
-    per-layer preconditioner state (factors, inverses, bases, rotated
-    moments), which is the second number.  An optimizer that keeps its
-    state elsewhere reports it through a ``state_megabytes()`` method with
-    the same meaning (:class:`~mmprecond.optim.PeerSINGD`).
+    preconditioner state (factors, inverses, bases, rotated moments), which
+    is the second number and which they report through
+    :meth:`~mmprecond.protocol.EngineProtocol.state_megabytes`.
     """
-    own = getattr(optimizer, 'state_megabytes', None)
-    if callable(own):
-        return own()
-    base = tensor_megabytes(v for st in optimizer.state.values()
-                            for v in st.values())
-    layer_state = getattr(optimizer, 'layer_state', None) or {}
-    factors = tensor_megabytes(v for st in layer_state.values()
-                               for v in st.values())
-    return base + factors, factors
-
-
-def damped_blocks(optimizer, stat: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """The damped matrix an optimizer inverts for the statistic ``stat``.
-
-    Returns ``(A, lambda_max, shift)`` with ``A`` as a ``(H, d, d)`` stack:
-    ``A = S + max(floor, damping * lambda_max(S)) I`` where ``S`` is the
-    factor itself for the Kronecker optimizers (NKFAC, AdaNKFAC, KFAC) and
-    the Frobenius-normalised statistic for the feature optimizers (FSGD,
-    FAdam, AFOpt, Ada_AFOpt), whose stacks share one shift over their heads.
-    """
-    blocks = stat.float()
-    blocks = blocks.unsqueeze(0) if blocks.dim() == 2 else blocks
-    if isinstance(optimizer, FeatureDescent):
-        blocks = blocks / (blocks.square().sum().sqrt() + 1e-12)
-    lmax = torch.stack([power_iteration_lmax(b) for b in blocks]).max()
-    shift = torch.clamp(optimizer.damping * lmax, min=optimizer.damping_floor)
-    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-    return blocks + shift * eye, lmax, shift
+    if isinstance(optimizer, EngineProtocol):
+        return optimizer.state_megabytes()
+    return tensor_megabytes(v for st in optimizer.state.values()
+                            for v in st.values()), 0.0
 
 
 @HOOKS.register_module()
@@ -104,12 +58,16 @@ class PrecondStatsHook(Hook):
                                   ``precond/base_s`` the rest (base update)
     ``precond/state_mb``          optimizer state in MiB (any optimizer)
     ``precond/factor_mb``         of which preconditioner state
-    ``precond/lambda_max``        mean over factors of ``lambda_max(S)``
-    ``precond/damping``           mean added damping ``max(floor, eta lmax)``
-    ``precond/newton_residual``   max over factors of ``||I - A B||_F`` (4
-                                  random probes) of the stored inverse ``B``
-                                  against the current damped factor ``A``:
-                                  Newton error plus drift since the refresh
+    ``precond/<diagnostic>``      the family's own measures, from the
+                                  optimizer's ``diagnostics()``
+                                  (:mod:`mmprecond.optim.diagnostics`):
+                                  ``lambda_max`` and ``damping`` (mean over
+                                  factors), ``newton_residual`` only where
+                                  there are Newton inverses (NKFAC family,
+                                  FSGD / AFOpt family), ``root_error`` where
+                                  there are inverse roots (SGDM_BK,
+                                  AdamW_BK, Shampoo), ``basis_drift`` for
+                                  AdamR's eigenbases
     ``precond/norm_ratio``   mean over layers of ``||P(G)|| / ||G||``
                                   before gradient-norm recovery
     ``precond/<kind>``            cumulative fallback counts
@@ -161,13 +119,19 @@ class PrecondStatsHook(Hook):
     # ---------------------------------------------------------------- access
     @staticmethod
     def _optimizer(runner):
-        return getattr(runner.optim_wrapper, 'optimizer', None)
+        return wrapped_optimizer(runner.optim_wrapper)
+
+    @staticmethod
+    def _ours(optimizer) -> Optional[EngineProtocol]:
+        """``optimizer`` if it is one of mmprecond's, else None."""
+        return optimizer if isinstance(optimizer, EngineProtocol) else None
 
     def _cumulative(self, optimizer) -> Dict[str, float]:
         out = dict(self.totals)
-        phases = getattr(optimizer, 'phase_seconds', None)
-        if phases is not None:
-            out.update({p: float(phases.get(p, 0.0)) for p in PHASES})
+        ours = self._ours(optimizer)
+        if ours is not None and ours.phase_seconds is not None:
+            out.update({p: float(ours.phase_seconds.get(p, 0.0))
+                        for p in PHASES})
         return out
 
     # ------------------------------------------------------------ lifecycle
@@ -178,9 +142,11 @@ class PrecondStatsHook(Hook):
         if self._resumed is not None and self._resumed[0] == runner.iter > 0:
             self._restore(optimizer, self._resumed[1])
         self._resumed = None
-        if 'expected' not in self._sizes_logged and hasattr(optimizer, 'layers'):
+        ours = self._ours(optimizer)
+        if ('expected' not in self._sizes_logged and ours is not None
+                and ours.checkpoint_layout() is not None):
             self._sizes_logged.add('expected')
-            print_log(expected_state_report(optimizer), logger='current')
+            print_log(expected_state_report(ours), logger='current')
         self._last_iter = runner.iter
         self._last_totals = self._cumulative(optimizer)
         self._handles = [
@@ -245,70 +211,30 @@ class PrecondStatsHook(Hook):
                 per_iter['step'] - sum(per_iter[p] for p in PHASES), 0.0)
         self._last_iter, self._last_totals = iteration, totals
         out['state_mb'], factor_mb = optimizer_state_megabytes(optimizer)
-        fallbacks = getattr(optimizer, 'fallbacks', None)
-        if fallbacks is None:
+        ours = self._ours(optimizer)
+        if ours is None or ours.fallbacks is None:
             return out
         out['factor_mb'] = factor_mb
         if self.curvature:
-            out.update(self._curvature(optimizer))
-        for kind, count in fallbacks.counts.items():
+            out.update(self._curvature(ours))
+        for kind, count in ours.fallbacks.counts.items():
             out[kind] = count
         return out
 
-    def _curvature(self, optimizer) -> Dict[str, float]:
-        """``lambda_max``, damping, residuals and the norm ratio (host sync)."""
+    def _curvature(self, optimizer: EngineProtocol) -> Dict[str, float]:
+        """The norm ratio and the family's own diagnostics (host sync)."""
         out: Dict[str, float] = {}
         if self._ratios:
             out['norm_ratio'] = float(torch.stack(self._ratios).mean())
             self._ratios = []
-        if not hasattr(optimizer, 'damping_floor'):
-            return out
-        lmaxes, shifts, residuals = [], [], []
-        gen: Dict[torch.device, torch.Generator] = {}
-        for st in optimizer.layer_state.values():
-            for key, stat in st.items():
-                inv = st.get(key + '_inv')
-                if inv is None or inv.shape != stat.shape:
-                    continue
-                a, lmax, shift = damped_blocks(optimizer, stat)
-                lmaxes.append(lmax)
-                shifts.append(shift)
-                if a.device not in gen:
-                    gen[a.device] = torch.Generator(a.device).manual_seed(0)
-                b = inv.float().reshape(a.shape)
-                residuals += [estimate_residual(ab, bb, generator=gen[a.device])
-                              for ab, bb in zip(a, b)]
-        if lmaxes:
-            out['lambda_max'] = float(torch.stack(lmaxes).mean())
-            out['damping'] = float(torch.stack(shifts).mean())
-            out['newton_residual'] = float(torch.stack(residuals).max())
+        for key, value in optimizer.diagnostics().items():
+            out[key] = float(value)
         return out
 
-    @staticmethod
-    def _norm_ratios(optimizer) -> List[Tensor]:
-        """``||P(G)|| / ||G||`` per layer, before norm recovery (no sync).
-
-        Only for optimizers whose ``precondition`` is a pure function of the
-        gradient and the stored inverses with optional norm recovery.
-        """
-        if not hasattr(optimizer, 'grad_norm_recovery'):
-            return []
-        ratios = []
-        recovery = optimizer.grad_norm_recovery
-        optimizer.grad_norm_recovery = False
-        try:
-            with torch.no_grad():
-                for name, module in optimizer.layers.items():
-                    g = gradient_matrix(module)
-                    if g is None:
-                        continue
-                    pg = optimizer.precondition(name, module, g)
-                    if pg is not None:
-                        g = g.float()
-                        ratios.append(pg.norm() / (g.norm() + 1e-12))
-        finally:
-            optimizer.grad_norm_recovery = recovery
-        return ratios
+    def _norm_ratios(self, optimizer) -> List[Tensor]:
+        """``||P(G)|| / ||G||`` per layer, before norm recovery (no sync)."""
+        ours = self._ours(optimizer)
+        return [] if ours is None else ours.norm_ratios()
 
     # ------------------------------------------------------------ checkpoint
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
@@ -320,15 +246,15 @@ class PrecondStatsHook(Hook):
             print_log(f'[{type(optimizer).__name__}] '
                       f'{saved_state_report(saved)} (logged once)',
                       logger='current')
-        fallbacks = getattr(optimizer, 'fallbacks', None)
+        ours = self._ours(optimizer)
+        fallbacks = None if ours is None else ours.fallbacks
+        phases = None if ours is None else ours.phase_seconds
         checkpoint[CHECKPOINT_KEY] = dict(
             totals=dict(self.totals),
             fallbacks={} if fallbacks is None else
             {k: int(v) for k, v in fallbacks.counts.items()},
-            phase_seconds={
-                k: float(v)
-                for k, v in getattr(optimizer, 'phase_seconds', {}).items()
-            })
+            phase_seconds={} if phases is None else
+            {k: float(v) for k, v in phases.items()})
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         stats = checkpoint.get(CHECKPOINT_KEY)
@@ -338,11 +264,13 @@ class PrecondStatsHook(Hook):
 
     def _restore(self, optimizer, stats: Dict[str, Any]) -> None:
         self.totals.update(stats['totals'])
-        fallbacks = getattr(optimizer, 'fallbacks', None)
-        if fallbacks is not None:
+        ours = self._ours(optimizer)
+        if ours is None:
+            return
+        if ours.fallbacks is not None:
             for kind, count in stats['fallbacks'].items():
-                fallbacks.counts[kind] = count
-        phases = getattr(optimizer, 'phase_seconds', None)
+                ours.fallbacks.counts[kind] = count
+        phases = ours.phase_seconds
         if phases is not None:
             for phase, seconds in stats['phase_seconds'].items():
                 phases[phase] = seconds

@@ -9,8 +9,18 @@ import torch
 import torch.nn as nn
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel, is_model_wrapper
-from mmengine.optim import OptimWrapperDict
+from mmengine.optim import OptimWrapper, OptimWrapperDict
 from mmengine.registry import HOOKS
+
+from ..protocol import EngineProtocol
+
+
+def wrapped_optimizer(optim_wrapper: Any) -> Optional[Any]:
+    """The optimizer of a single ``OptimWrapper``; None for a dict of them."""
+    if (isinstance(optim_wrapper, OptimWrapper)
+            and not isinstance(optim_wrapper, OptimWrapperDict)):
+        return optim_wrapper.optimizer
+    return None
 
 
 def rng_state() -> Dict[str, Any]:
@@ -99,7 +109,7 @@ class SecondPassHook(Hook):
 
     @staticmethod
     def _optimizer(runner) -> Any:
-        return getattr(runner.optim_wrapper, 'optimizer', None)
+        return wrapped_optimizer(runner.optim_wrapper)
 
     def before_train(self, runner) -> None:
         wrapper = runner.optim_wrapper
@@ -108,12 +118,13 @@ class SecondPassHook(Hook):
                 'SecondPassHook supports a single optim wrapper, not '
                 'OptimWrapperDict.')
         optimizer = self._optimizer(runner)
-        if not hasattr(optimizer, 'second_pass'):
+        if not (isinstance(optimizer, EngineProtocol)
+                and optimizer.uses_second_pass):
             raise RuntimeError(
                 f'SecondPassHook is for optimizers that need a second pass '
                 f'(KBFGS, KBFGS_L, SMW_NG); {type(optimizer).__name__} does '
                 'not.')
-        if getattr(wrapper, '_accumulative_counts', 1) != 1:
+        if wrapper._accumulative_counts != 1:
             raise RuntimeError(
                 'SecondPassHook cannot be combined with gradient accumulation '
                 '(accumulative_counts > 1): the second pass would need all '
@@ -132,7 +143,7 @@ class SecondPassHook(Hook):
                           data_batch: Optional[Any] = None) -> None:
         optimizer = self._optimizer(runner)
         self._batch = self._rng = None
-        if optimizer.is_curvature_step(optimizer.steps):
+        if optimizer.second_pass_due():
             self._batch = copy.deepcopy(data_batch)
             self._rng = rng_state()
 
@@ -140,7 +151,7 @@ class SecondPassHook(Hook):
                          data_batch: Optional[Any] = None,
                          outputs: Optional[dict] = None) -> None:
         optimizer = self._optimizer(runner)
-        if not optimizer.needs_second_pass:
+        if not optimizer.second_pass_pending():
             return
         if self._batch is None:
             raise RuntimeError('SecondPassHook: a curvature step was taken '

@@ -6,7 +6,8 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from .second_pass import norm_buffers, rng_state, set_rng_state
+from ..protocol import EngineProtocol
+from .second_pass import norm_buffers, rng_state, set_rng_state, wrapped_optimizer
 
 
 @HOOKS.register_module()
@@ -39,9 +40,9 @@ class WarmStartHook(Hook):
     priority = 'ABOVE_NORMAL'
 
     def before_train(self, runner) -> None:
-        optimizer = getattr(runner.optim_wrapper, 'optimizer', None)
-        total = int(getattr(optimizer, 'warm_start_iters', 0))
-        if optimizer is None or optimizer.steps >= total:
+        optimizer = wrapped_optimizer(runner.optim_wrapper)
+        if (not isinstance(optimizer, EngineProtocol)
+                or optimizer.warm_start_remaining() <= 0):
             return
         model = runner.model.module if is_model_wrapper(runner.model) \
             else runner.model
@@ -52,7 +53,7 @@ class WarmStartHook(Hook):
         loader = runner.train_dataloader
         batches = iter(loader)
         done = 0
-        while optimizer.steps < total:
+        while optimizer.warm_start_remaining() > 0:
             try:
                 batch = next(batches)
             except StopIteration:

@@ -13,6 +13,7 @@ from mmengine.registry import OPTIMIZERS
 from ..inverse_root import inverse_roots
 from .base import check_positive
 from .defaults import adamw_defaults, sgdm_defaults
+from .diagnostics import root_diagnostics
 from .nkfac import DEFAULT_MAX_FACTOR_DIM, _KroneckerInverse
 
 
@@ -102,6 +103,12 @@ class _KroneckerRoot(_KroneckerInverse):
                 st[side + '_inv'] = r
             else:
                 st.pop(side + '_inv', None)
+
+    def diagnostics(self) -> Dict[str, Any]:
+        """``lambda_max``, ``damping``, ``root_error`` of the inverse roots
+        (see :mod:`mmprecond.optim.diagnostics`); no Newton residual."""
+        return root_diagnostics(self.layer_state, self.root, self.damping,
+                                self.relative_damping)
 
 
 @OPTIMIZERS.register_module()

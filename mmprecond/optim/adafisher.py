@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from ..curvature.diagonal import NORM_TYPES, DiagonalCapture, diagonal_reason
 from ..distributed import all_reduce_sum_, world_size
 from ..logging import FallbackLog
+from ..protocol import CheckpointLayout, EngineProtocol, tensor_megabytes
 from .base import (
     MISSING_MODEL_MSG,
     check_positive,
@@ -34,7 +35,7 @@ def min_max(x: Tensor) -> Tensor:
 
 
 @OPTIMIZERS.register_module()
-class AdaFisher(Optimizer):
+class AdaFisher(Optimizer, EngineProtocol):
     r"""AdaFisher: Adam-like step with a diagonal Kronecker-factored Fisher.
 
     Algorithm (Gomes et al., ICLR 2025, Algorithm 1)::
@@ -412,6 +413,16 @@ class AdaFisher(Optimizer):
                 self._build_fisher(name)
         self.capture.clear()
         self.capture.active = self.steps % self.stat_interval == 0
+
+    # ---------------------------------------------------- engine protocol
+    def state_megabytes(self) -> Tuple[float, float]:
+        """Per-parameter state plus the per-layer curvature, in MiB."""
+        layers = tensor_megabytes(v for st in self.layer_state.values()
+                                  for v in st.values())
+        return super().state_megabytes()[0] + layers, layers
+
+    def checkpoint_layout(self) -> CheckpointLayout:
+        return CheckpointLayout()  # diagonal curvature: no d x d factors
 
 
 @OPTIMIZERS.register_module()

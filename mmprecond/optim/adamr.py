@@ -19,9 +19,11 @@ from ..curvature.capture import factor_dims, gradient_matrix, split_gradient_mat
 from ..curvature.factors import BatchStatistics
 from ..distributed import Chunk, run_batched
 from ..linalg import EIGH_FAILED, batch_limit, eigh_batch, record_flags
+from ..protocol import CheckpointLayout
 from .base import PrecondOptimizer, adamw_update, check_positive
 from .checks import check_interval, warn_unaligned_interval
 from .defaults import adamw_defaults
+from .diagnostics import basis_drift, kronecker_layout
 
 #: Default ``max_factor_dim``, the same bound as NKFAC's: every factor of a
 #: ResNet-50 FPN Faster R-CNN is decomposed except the 12545-wide input side
@@ -769,6 +771,14 @@ class AdamR(PrecondOptimizer):
             for key in _CPU_KEYS:
                 if key in st:
                     st[key] = st[key].cpu()
+
+    def diagnostics(self) -> Dict[str, Tensor]:
+        """``basis_drift``: how far ``U^T L U`` / ``U^T R U`` are from
+        diagonal (see :mod:`mmprecond.optim.diagnostics`)."""
+        return basis_drift(self.layer_state, _BASIS_OF)
+
+    def checkpoint_layout(self) -> CheckpointLayout:
+        return kronecker_layout(self, derived_kind='bases')
 
 
 #: Messages of the fallbacks counted on the device (:meth:`AdamR.sync_fallbacks`).

@@ -57,6 +57,8 @@ from ..curvature.factors import (
 )
 from ..distributed import all_reduce_ints, all_reduce_sum_, world_size
 from ..logging import FallbackLog
+from ..protocol import CheckpointLayout, EngineProtocol, tensor_megabytes
+from . import diagnostics
 from .checks import check_budget, check_interval, check_number
 
 MISSING_MODEL_MSG = (
@@ -248,7 +250,7 @@ def loaded_layer_state(saved: Dict[str, Tensor], packed: Dict[str, Sequence[int]
 BUILD_TIME_COUNTS = ('excluded_layers', 'over_memory_budget', 'no_attention')
 
 
-class PrecondOptimizer(Optimizer):
+class PrecondOptimizer(Optimizer, EngineProtocol):
     """Base class: statistics capture, step skeleton, state and logging.
 
     Args:
@@ -1052,3 +1054,18 @@ class PrecondOptimizer(Optimizer):
                 f'preconditioned here and were ignored: {unknown[:5]}')
         self.capture.clear()
         self.capture.active = self.is_stat_step(self.steps)
+
+    # --------------------------------------------------- engine protocol
+    def state_megabytes(self) -> Tuple[float, float]:
+        """Per-parameter state plus :attr:`layer_state`, in MiB."""
+        base = tensor_megabytes(v for st in self.state.values()
+                                for v in st.values())
+        factors = tensor_megabytes(v for st in self.layer_state.values()
+                                   for v in st.values())
+        return base + factors, factors
+
+    def norm_ratios(self) -> List[Tensor]:
+        return diagnostics.norm_ratios(self)
+
+    def checkpoint_layout(self) -> Optional[CheckpointLayout]:
+        return diagnostics.kronecker_layout(self)

@@ -28,6 +28,7 @@ from ..logging import FallbackLog
 from .base import PrecondOptimizer, check_positive, check_unit_interval
 from .checks import check_damping, check_interval, warn_unaligned_interval
 from .defaults import adamw_defaults, sgdm_defaults
+from .diagnostics import newton_diagnostics
 
 #: Default ``max_factor_dim``: a layer whose input factor (``C_in`` plus the
 #: bias column, ``C_in k^2`` for a conv) is wider gets the plain base update.
@@ -207,6 +208,12 @@ class FeatureDescent(PrecondOptimizer):
         if not st or 'R_inv' not in st:
             return None
         return grad.float() @ st['R_inv']
+
+    def diagnostics(self) -> Dict[str, Tensor]:
+        """``lambda_max``, ``damping``, ``newton_residual`` of the inverses
+        of the Frobenius-normalised statistics."""
+        return newton_diagnostics(self.layer_state, self.damping,
+                                  self.damping_floor, normalise=True)
 
 
 _FSGD_BOX = r"""

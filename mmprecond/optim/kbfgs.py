@@ -605,6 +605,18 @@ class KBFGS(PrecondOptimizer):
                         'skipped_lbfgs_pair', f'non-finite or non-positive '
                         f'(s, y) pair for {name}; not stored')
 
+    # ---------------------------------------------------- engine protocol
+    uses_second_pass = True
+
+    def second_pass_due(self) -> bool:
+        return self.is_curvature_step(self.steps)
+
+    def second_pass_pending(self) -> bool:
+        return self.needs_second_pass
+
+    def warm_start_remaining(self) -> int:
+        return max(self.warm_start_iters - self.steps, 0)
+
 
 @OPTIMIZERS.register_module()
 class KBFGS_L(KBFGS):  # noqa: N801 (the thesis' name)

@@ -25,6 +25,7 @@ from .checks import (
     warn_unaligned_interval,
 )
 from .defaults import adamw_defaults, sgdm_defaults
+from .diagnostics import newton_diagnostics
 
 #: Default ``max_factor_dim``, chosen from ``benchmarks/factor_budget.py`` on
 #: mmdet's Faster R-CNN R50-FPN (57 trainable Linear/Conv2d layers).  It forms
@@ -361,6 +362,12 @@ class _KroneckerInverse(PrecondOptimizer):
         if 'R_inv' in st:
             pg = pg @ st['R_inv']
         return pg
+
+    def diagnostics(self) -> Dict[str, Any]:
+        """``lambda_max``, ``damping``, ``newton_residual`` (see
+        :mod:`mmprecond.optim.diagnostics`)."""
+        return newton_diagnostics(self.layer_state, self.damping,
+                                  self.damping_floor)
 
 
 @OPTIMIZERS.register_module()

@@ -28,6 +28,8 @@ import torch.nn as nn
 from mmengine.registry import OPTIMIZERS
 from torch.optim import Optimizer
 
+from ..protocol import EngineProtocol, tensor_megabytes
+
 #: Names registered by this module, with the package each needs.
 PEER_PACKAGES = dict(PeerSOAP='pytorch_optimizer',
                      PeerShampoo='pytorch_optimizer', PeerSINGD='singd')
@@ -41,7 +43,7 @@ def peer_available(name: str) -> bool:
 
 
 @OPTIMIZERS.register_module()
-class PeerSINGD(Optimizer):
+class PeerSINGD(Optimizer, EngineProtocol):
     """SINGD on Linear / Conv2d layers, SGD with momentum on the rest.
 
     ``singd``'s ``SINGD`` updates only the weights and biases of the
@@ -222,7 +224,6 @@ class PeerSINGD(Optimizer):
         :func:`~mmprecond.engine.hooks.optimizer_state_megabytes` reports
         it: the parts' momentum buffers plus SINGD's ``K``, ``C`` and their
         momenta (the tensors each structured matrix registers)."""
-        from ..engine.hooks import tensor_megabytes
         matrices = []
         if self.singd is not None:
             for name in ('Ks', 'Cs', 'm_Ks', 'm_Cs'):

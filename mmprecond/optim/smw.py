@@ -690,6 +690,15 @@ class SMW_NG(PrecondOptimizer):  # noqa: N801 (the thesis' name)
         for h in getattr(self, '_handles', []):
             h.remove()
 
+    # ---------------------------------------------------- engine protocol
+    uses_second_pass = True
+
+    def second_pass_due(self) -> bool:
+        return self.is_curvature_step(self.steps)
+
+    def second_pass_pending(self) -> bool:
+        return self.needs_second_pass
+
 
 class _LogitsHook:
     """Forward hook on the module whose output are the logits (SMW-GN)."""

@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from ..distributed import all_reduce_sum_, world_size
 from ..logging import FallbackLog
+from ..protocol import EngineProtocol
 from .base import check_positive, check_unit_interval, finite_flags
 from .checks import check_refresh_interval
 
@@ -115,7 +116,7 @@ class _SampledGradHook:
 
 
 @OPTIMIZERS.register_module()
-class TNT(Optimizer):
+class TNT(Optimizer, EngineProtocol):
     r"""TNT: tensor-normal training (Ren 2022, thesis Algorithm 15).
 
     Model-agnostic: every parameter tensor (weight and bias separately,
@@ -599,6 +600,10 @@ class TNT(Optimizer):
     def __del__(self) -> None:
         if getattr(self, '_handle', None) is not None:
             self._handle.remove()
+
+    # ---------------------------------------------------- engine protocol
+    def warm_start_remaining(self) -> int:
+        return max(self.warm_start_iters - self.steps, 0)
 
 
 @OPTIMIZERS.register_module()
