@@ -4,7 +4,6 @@ import inspect
 from typing import List, Optional, Union
 
 import torch.nn as nn
-from mmengine.model import is_model_wrapper
 from mmengine.optim import AmpOptimWrapper, DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
 
@@ -97,7 +96,7 @@ class PrecondOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         return model.parameters()
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
-        if is_model_wrapper(model):
+        if hasattr(model, 'module'):  # DDP or any wrapper of the model
             model = model.module
         optim_wrapper_cfg = self.optim_wrapper_cfg.copy()
         optim_wrapper_cfg.setdefault('type', 'OptimWrapper')
