@@ -38,15 +38,10 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from .linalg import _start_vector
+from .linalg import _eye_like, power_iteration_lmax
 
 #: Trace below which a matrix is treated as zero (its root is not defined).
 _TINY = 1e-30
-
-
-def _eye_like(a: Tensor) -> Tensor:
-    n = a.shape[-1]
-    return torch.eye(n, dtype=a.dtype, device=a.device).expand_as(a)
 
 
 def coupled_newton_schulz(a: Tensor, iters: int = 10) -> Tuple[Tensor, Tensor]:
@@ -68,7 +63,7 @@ def coupled_newton_schulz(a: Tensor, iters: int = 10) -> Tuple[Tensor, Tensor]:
     tr = a.diagonal(dim1=-2, dim2=-1).sum(-1)
     tr = torch.where(tr > _TINY, tr, torch.full_like(tr, float('nan')))
     y = a / tr[:, None, None]
-    eye = _eye_like(a)
+    eye = _eye_like(a).expand_as(a)
     z = eye.clone()
     for _ in range(int(iters)):
         t = torch.baddbmm(eye, z, y, beta=1.5, alpha=-0.5)
@@ -98,30 +93,6 @@ def inverse_root(a: Tensor, p: int, iters: int = 10) -> Tensor:
     raise ValueError(f'Invalid root order p={p} (2 or 4)')
 
 
-def batched_power_lmax(a: Tensor, iters: int = 10) -> Tensor:
-    """Largest eigenvalue of each matrix of a PSD batch, by power iteration.
-
-    The start is the fixed pseudo-random unit vector of
-    :func:`mmprecond.linalg.power_iteration_lmax` (the authors' all-ones
-    start is orthogonal to the range of a softmax classifier's output
-    factor).  No device value is read: a zero matrix gives ``0``.
-
-    Args:
-        a (Tensor): ``(B, n, n)`` symmetric PSD matrices.
-        iters (int): Number of iterations. Defaults to 10.
-
-    Returns:
-        Tensor: ``(B,)`` estimates ``||A v_K||`` (never above the truth).
-    """
-    v = _start_vector(a.shape[-1], a.dtype, a.device).expand(a.shape[0], -1, -1)
-    lam = a.new_zeros(a.shape[0])
-    for _ in range(int(iters)):
-        w = torch.bmm(a, v)
-        lam = torch.linalg.vector_norm(w, dim=(1, 2))
-        v = w / lam.clamp_min(_TINY)[:, None, None]
-    return lam
-
-
 def damped_inverse_roots(a: Tensor, p: int, damping: float, iters: int,
                          relative: bool = True) -> Tensor:
     """``(A + eps I)^{-1/p}`` for a batch, ``eps = damping * lambda_max(A)``.
@@ -135,7 +106,8 @@ def damped_inverse_roots(a: Tensor, p: int, damping: float, iters: int,
         relative (bool): See ``damping``. Defaults to True.
     """
     if relative:
-        shift = damping * batched_power_lmax(a)
+        # 10 power steps from the package's fixed start vector
+        shift = damping * power_iteration_lmax(a, 10)
     else:
         shift = torch.full((a.shape[0], ), damping, dtype=a.dtype, device=a.device)
     damped = a + shift[:, None, None] * _eye_like(a)

@@ -224,8 +224,10 @@ def power_iteration_lmax(a: Tensor, num_iters: int = 20) -> Tensor:
     The estimator of the authors' NKFAC code: ``num_iters`` mat-vecs (their
     10 loops of two), returning ``||A v||`` for the last unit iterate
     ``v``; for PSD input it never exceeds the true value (up to rounding).
-    It is kept as the reference the package's :func:`lanczos_lmax` is
-    compared with; see there for the start vector.
+    It is the reference the package's :func:`lanczos_lmax` is compared
+    with, and (10 steps) the ``lambda_max`` of AdaBK's relative damping in
+    :mod:`mmprecond.inverse_root`; see :func:`lanczos_lmax` for the start
+    vector.
 
     Args:
         a (Tensor): ``(n, n)`` or ``(..., n, n)`` symmetric matrices.

@@ -2,9 +2,10 @@
 # Table 5: SGDM 38.2 / 34.7 -> SGDM_BK 40.4 / 36.9 box / mask AP).  Only the
 # optimizer differs from the upstream config: mmdet's SGD lr 0.02 / wd 1e-4
 # and AdaBK's defaults (200 / 2000 iterations, decay 0.9, damping 1e-5).
-_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -16,12 +17,9 @@ optim_wrapper = dict(
         momentum=0.9,
         weight_decay=1e-4,
         stat_interval=200,
-        inv_interval=2000,
+        refresh_interval=2000,
         damping=1e-5,
         stat_decay=0.9))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval.
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
 # at most 3 checkpoints are kept (a preconditioner's state makes them large)
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -4,9 +4,10 @@
 # baseline uses 0.05) and AdaBK's defaults (200 / 2000 iterations, decay
 # 0.9, damping 1e-5).  mmdet's paramwise_cfg (no decay on norms and
 # position-bias tables) is kept; the paper does not say whether it was.
-_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -18,12 +19,9 @@ optim_wrapper = dict(
         betas=(0.9, 0.999),
         weight_decay=0.02,
         stat_interval=200,
-        inv_interval=2000,
+        refresh_interval=2000,
         damping=1e-5,
         stat_decay=0.9))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval.
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
 # at most 3 checkpoints are kept (a preconditioner's state makes them large)
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

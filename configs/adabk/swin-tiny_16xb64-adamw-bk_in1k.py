@@ -3,9 +3,10 @@
 # AdamW_BK in the official config and keeps everything else (lr 1e-3 for a
 # total batch of 1024, wd 0.05, 300 epochs, gradient clipping at 5, no decay
 # on norms, biases and position-bias tables) with AdaBK's defaults.
-_base_ = 'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
+    '../_base_/precond_runtime_in1k.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -18,10 +19,7 @@ optim_wrapper = dict(
         eps=1e-8,
         weight_decay=0.05,
         stat_interval=200,
-        inv_interval=2000))
+        refresh_interval=2000))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval.
-custom_hooks = [dict(type='PrecondStatsHook', interval=100)]
 # at most 3 checkpoints are kept (a preconditioner's state makes them large)
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

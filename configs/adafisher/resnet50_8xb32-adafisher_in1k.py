@@ -5,9 +5,10 @@
 # as in the released code.  The batch (8 x 32) and augmentation are
 # mmpretrain's; the epoch count is mmpretrain's 100 (the paper's budget is
 # the wall-clock time of 90 Adam epochs).
-_base_ = 'mmpretrain::resnet/resnet50_8xb32_in1k.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmpretrain::resnet/resnet50_8xb32_in1k.py',
+    '../_base_/precond_runtime_in1k.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -18,7 +19,7 @@ optim_wrapper = dict(
         lr=1e-3,
         beta=0.9,
         weight_decay=1e-4,
-        damping=1e-3,
+        abs_damping=1e-3,
         gamma=0.8,
         stat_interval=100,
         statistics='code'))
@@ -26,8 +27,5 @@ optim_wrapper = dict(
 param_scheduler = dict(
     _delete_=True, type='CosineAnnealingLR', T_max=100, by_epoch=True)
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval.
-custom_hooks = [dict(type='PrecondStatsHook', interval=100)]
 # at most 3 checkpoints are kept (a preconditioner's state makes them large)
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

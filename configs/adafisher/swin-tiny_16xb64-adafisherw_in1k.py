@@ -4,9 +4,10 @@
 # mmpretrain's config with the paper's ViT settings (lr 1e-3, damping 3e-3
 # as in the released ViT config, gamma 0.8) and mmpretrain's weight decay
 # 0.05, schedule, clipping and paramwise_cfg.
-_base_ = 'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
+    '../_base_/precond_runtime_in1k.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -17,13 +18,10 @@ optim_wrapper = dict(
         lr=1e-3,
         beta=0.9,
         weight_decay=0.05,
-        damping=3e-3,
+        abs_damping=3e-3,
         gamma=0.8,
         stat_interval=100,
         statistics='code'))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval.
-custom_hooks = [dict(type='PrecondStatsHook', interval=100)]
 # at most 3 checkpoints are kept (a preconditioner's state makes them large)
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -1,7 +1,9 @@
 # Mask R-CNN R50-FPN 1x on COCO with AdamR (thesis Table 4.6: 39.6 box /
 # 36.5 mask AP; AdamW 37.8 / 35.4).  lr / weight decay as for Faster R-CNN.
-_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -13,11 +15,8 @@ optim_wrapper = dict(
         betas=(0.9, 0.999),
         weight_decay=0.2,
         stat_interval=100,
-        basis_interval=1000,
+        refresh_interval=1000,
         eps_basis=0.01))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -3,7 +3,6 @@
 # pipeline are those of the 2x AdamW baseline, the optimizer that of the 1x
 # / 3x AdamR configs (lr 1e-4, weight decay 0.02, mmdet's paramwise_cfg).
 _base_ = '../baselines/mask-rcnn_swin-t-p4-w7_fpn_ms-crop_adamw-2x_coco.py'
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -15,11 +14,8 @@ optim_wrapper = dict(
         betas=(0.9, 0.999),
         weight_decay=0.02,
         stat_interval=100,
-        basis_interval=1000,
+        refresh_interval=1000,
         eps_basis=0.01))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -2,8 +2,10 @@
 # trained this model with NKFAC and AFOpt only); the settings follow its
 # rule for Swin backbones: lr 1e-4, decoupled weight decay 0.02.  The
 # upstream config has no paramwise_cfg, so none is added.
-_base_ = 'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py'
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -15,11 +17,8 @@ optim_wrapper = dict(
         betas=(0.9, 0.999),
         weight_decay=0.02,
         stat_interval=100,
-        basis_interval=1000,
+        refresh_interval=1000,
         eps_basis=0.01))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

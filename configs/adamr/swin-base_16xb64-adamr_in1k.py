@@ -1,7 +1,9 @@
 # Swin-B on ImageNet-1k with AdamR.  Not a thesis experiment; settings as in
 # the Swin-T AdamR config (mmpretrain's AdamW lr 1e-3 and weight decay 0.05).
-_base_ = 'mmpretrain::swin_transformer/swin-base_16xb64_in1k.py'
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmpretrain::swin_transformer/swin-base_16xb64_in1k.py',
+    '../_base_/precond_runtime_in1k.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -14,11 +16,8 @@ optim_wrapper = dict(
         eps=1e-8,
         weight_decay=0.05,
         stat_interval=100,
-        basis_interval=1000,
+        refresh_interval=1000,
         eps_basis=0.01))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=100)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -5,8 +5,10 @@
 # absolute_pos_embed and relative_position_bias_table; those parameters get
 # plain AdamW anyway).  bbox_head.shared_fcs.0 (12545-wide input) exceeds
 # max_factor_dim=8192 and gets plain AdamW.
-_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -18,13 +20,10 @@ optim_wrapper = dict(
         betas=(0.9, 0.999),
         weight_decay=0.05,
         stat_interval=50,
-        inv_interval=500,
+        refresh_interval=500,
         damping=0.01,
         stat_decay=0.95,
         value_jitter=1e-4))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

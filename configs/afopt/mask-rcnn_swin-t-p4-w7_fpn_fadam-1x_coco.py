@@ -2,8 +2,10 @@
 # 43.4 box / 39.7 mask AP; mmdet's AdamW 42.7 / 39.3): the FSGD direction of
 # every Linear layer fed to AdamW.  mmdet's AdamW setting and paramwise_cfg
 # are kept, as for Ada_AFOpt.
-_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -15,12 +17,9 @@ optim_wrapper = dict(
         betas=(0.9, 0.999),
         weight_decay=0.05,
         stat_interval=50,
-        inv_interval=500,
+        refresh_interval=500,
         damping=0.01,
         stat_decay=0.95))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -6,8 +6,10 @@
 # the thesis gives no other.  The upstream RetinaNet Swin config has no
 # paramwise_cfg, so none is added.  T_s / T_u / damping / statistics decay
 # are the thesis defaults (50 / 500 / 0.01 / 0.95).
-_base_ = 'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py'
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -19,13 +21,10 @@ optim_wrapper = dict(
         momentum=0.9,
         weight_decay=1e-4,
         stat_interval=50,
-        inv_interval=500,
+        refresh_interval=500,
         damping=0.01,
         stat_decay=0.95,
         value_jitter=1e-4))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -1,7 +1,10 @@
 # Faster R-CNN R101-FPN 1x on COCO with AdamW, the baseline the thesis re-ran
 # for AdamR (Table 4.5: 40.1 box AP) with lr 1e-4 and decoupled weight decay
 # 0.2.  The schedule is mmdet's.
-_base_ = 'mmdet::faster_rcnn/faster-rcnn_r101_fpn_1x_coco.py'
+_base_ = [
+    'mmdet::faster_rcnn/faster-rcnn_r101_fpn_1x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -12,9 +15,5 @@ optim_wrapper = dict(
         betas=(0.9, 0.999),
         weight_decay=0.2))
 
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

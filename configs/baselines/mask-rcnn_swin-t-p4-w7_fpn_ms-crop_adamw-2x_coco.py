@@ -5,7 +5,10 @@
 # config.  That the 2x run used the 3x config's multi-scale crop pipeline
 # (rather than the 1x single-scale one) is our reading: 45.2 AP lies between
 # the single-scale 1x (42.7) and the ms-crop 3x (46.0) results.
-_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py'
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 max_epochs = 24
 train_cfg = dict(max_epochs=max_epochs)
@@ -23,9 +26,5 @@ param_scheduler = [
         gamma=0.1)
 ]
 
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -3,11 +3,10 @@
 # and AFOpt here, Tables 3.8 and 5.1).  The upstream
 # config (plus the logging hook); mmdet has no official number, the thesis reproduced it:
 # 37.3 box AP (Tables 3.8, 5.1).
-_base_ = 'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py'
+_base_ = [
+    'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

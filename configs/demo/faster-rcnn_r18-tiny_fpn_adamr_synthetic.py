@@ -3,7 +3,7 @@
 #   python tools/train.py configs/demo/faster-rcnn_r18-tiny_fpn_adamr_synthetic.py
 #
 # lr / weight decay are the demo AdamW's (AdamR's base update is AdamW in the
-# rotated basis).  Intervals: the zoo's stat_interval=100 / basis_interval=1000
+# rotated basis).  Intervals: the zoo's stat_interval=100 / refresh_interval=1000
 # are for ~90k-iteration COCO runs; this run is 1000 iterations, so both are
 # scaled down 10x (statistics every 10 steps, a new basis every 100), the
 # same number of statistics per refresh as in the thesis.
@@ -18,4 +18,4 @@ optim_wrapper = dict(
         betas=(0.9, 0.999),
         weight_decay=0.05,
         stat_interval=10,
-        basis_interval=100))
+        refresh_interval=100))

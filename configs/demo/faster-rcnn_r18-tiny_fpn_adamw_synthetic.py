@@ -9,8 +9,8 @@ _base_ = [
     'mmdet::_base_/models/faster-rcnn_r50_fpn.py',
     '../_base_/datasets/synthetic_coco_detection.py',
     'mmdet::_base_/default_runtime.py',
+    '../_base_/precond_runtime.py',
 ]
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
 default_scope = 'mmdet'
 
 num_classes = len(_base_.metainfo['classes'])
@@ -86,8 +86,6 @@ default_hooks = dict(
         type='CheckpointHook', by_epoch=False, interval=max_iters,
         max_keep_ckpts=1))
 log_processor = dict(by_epoch=False)
-# time per phase, optimizer-state memory and preconditioner health in the log
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
 # env_cfg keeps mmdet's nccl backend for GPUs; tools/train.py switches
 # launched CPU-only runs to gloo (or to $MMPRECOND_DIST_BACKEND).
 randomness = dict(seed=0)

@@ -18,4 +18,4 @@ optim_wrapper = dict(
         lr=2e-3,
         weight_decay=0.05,
         stat_interval=10,
-        inv_interval=100))
+        refresh_interval=100))

@@ -7,8 +7,8 @@ _base_ = [
     'mmpretrain::_base_/models/resnet18.py',
     '../_base_/datasets/synthetic_cls.py',
     'mmpretrain::_base_/default_runtime.py',
+    '../_base_/precond_runtime.py',
 ]
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
 default_scope = 'mmpretrain'
 
 base_channels = 16  # stages: 16, 32, 64, 128 channels (BasicBlock, x1)

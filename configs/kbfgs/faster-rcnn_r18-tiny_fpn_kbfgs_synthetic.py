@@ -19,10 +19,8 @@ optim_wrapper = dict(
         curvature_interval=20,
         warm_start_iters=5),
     paramwise_cfg=dict(norm_decay_mult=0.0))
-custom_hooks = [
-    dict(type='SecondPassHook'),
-    dict(type='WarmStartHook'),
-    dict(type='PrecondStatsHook', interval=50)
-]
+# PrecondStatsHook (interval 50) comes from configs/_base_/precond_runtime.py
+custom_hooks = [dict(type='SecondPassHook'), dict(type='WarmStartHook'),
+                *_base_.custom_hooks]
 # at most 3 checkpoints are kept (a preconditioner's state makes them large)
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

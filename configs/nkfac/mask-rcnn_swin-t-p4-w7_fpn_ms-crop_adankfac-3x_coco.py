@@ -2,9 +2,10 @@
 # crop training on COCO with AdaNKFAC (thesis Table 3.9: AdamW 46.0 / 41.6
 # -> AdaNKFAC 46.9 / 42.3 box / mask AP).  Optimizer as in the 1x AdaNKFAC
 # config.
-_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -16,10 +17,7 @@ optim_wrapper = dict(
         betas=(0.9, 0.999),
         weight_decay=0.2,
         stat_interval=100,
-        inv_interval=1000))
+        refresh_interval=1000))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

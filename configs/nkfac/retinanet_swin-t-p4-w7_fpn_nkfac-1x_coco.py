@@ -2,9 +2,10 @@
 # reproduced -> NKFAC 40.7 box AP).  mmdet trains this model with SGD (lr
 # 0.01, wd 1e-4), so the thesis uses the SGD-based NKFAC with those values,
 # not AdaNKFAC (thesis Table 3.8).
-_base_ = 'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -16,12 +17,9 @@ optim_wrapper = dict(
         momentum=0.9,
         weight_decay=1e-4,
         stat_interval=100,
-        inv_interval=1000,
+        refresh_interval=1000,
         damping=0.01,
         stat_decay=0.95))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=50)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

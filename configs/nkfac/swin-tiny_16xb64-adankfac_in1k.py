@@ -5,9 +5,10 @@
 # cosine schedule, the total batch of 16 x 64, gradient clipping at 5 and
 # the paramwise_cfg without decay on norms, biases and position-bias tables.
 # Statistics / inverse intervals: the thesis' 100 / 1000 for Swin.
-_base_ = 'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
+    '../_base_/precond_runtime_in1k.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -20,10 +21,7 @@ optim_wrapper = dict(
         eps=1e-8,
         weight_decay=0.025,
         stat_interval=100,
-        inv_interval=1000))
+        refresh_interval=1000))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval;
-# at most 3 checkpoints are kept (a preconditioner's state makes them large).
-custom_hooks = [dict(type='PrecondStatsHook', interval=100)]
+# At most 3 checkpoints are kept (a preconditioner's state makes them large).
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -3,9 +3,10 @@
 # epochs with lr 0.1, wd 1e-4 and tau 1e-3; this config keeps mmpretrain's
 # 90-epoch step schedule (x0.1 every 30 epochs) and batch 8 x 32.  The
 # Hessian-vector product of the BN parameters needs HessianOptimWrapper.
-_base_ = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmpretrain::resnet/resnet18_8xb32_in1k.py',
+    '../_base_/precond_runtime_in1k.py',
+]
 
 optim_wrapper = dict(
     type='HessianOptimWrapper',
@@ -19,8 +20,5 @@ optim_wrapper = dict(
         tau=1e-3,
         eps=1e-4))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval.
-custom_hooks = [dict(type='PrecondStatsHook', interval=100)]
 # at most 3 checkpoints are kept (a preconditioner's state makes them large)
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

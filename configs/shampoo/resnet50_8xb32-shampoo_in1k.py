@@ -3,9 +3,10 @@
 # and schedule carry over.  Inverse fourth roots every 100 iterations.
 # Reported baseline numbers for comparison: 70.11 top-1 (Yong et al., CVPR
 # 2023, Table 2, without grafting).
-_base_ = 'mmpretrain::resnet/resnet50_8xb32_in1k.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmpretrain::resnet/resnet50_8xb32_in1k.py',
+    '../_base_/precond_runtime_in1k.py',
+]
 
 optim_wrapper = dict(
     type='OptimWrapper',
@@ -17,11 +18,8 @@ optim_wrapper = dict(
         momentum=0.9,
         weight_decay=1e-4,
         stat_interval=1,
-        inv_interval=100,
+        refresh_interval=100,
         grafting='sgd'))
 
-# mmprecond's PrecondStatsHook logs the optimizer's time per phase, its
-# state memory and the preconditioner's health at the logger's interval.
-custom_hooks = [dict(type='PrecondStatsHook', interval=100)]
 # at most 3 checkpoints are kept (a preconditioner's state makes them large)
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -8,9 +8,10 @@
 # positions (12544 for the 7x7 stem at 224 px), so N2 = 4 per GPU (32 over
 # 8 GPUs, gathered); raise it only with the time per iteration in view.
 # lr 0.1 is the thesis' MNIST value and mmpretrain's SGD lr; not tuned.
-_base_ = 'mmpretrain::resnet/resnet50_8xb32_in1k.py'
-
-custom_imports = dict(imports=['mmprecond'], allow_failed_imports=False)
+_base_ = [
+    'mmpretrain::resnet/resnet50_8xb32_in1k.py',
+    '../_base_/precond_runtime.py',
+]
 
 optim_wrapper = dict(
     constructor='PrecondOptimWrapperConstructor',

@@ -12,15 +12,14 @@ optim_wrapper = dict(
         _delete_=True,
         type='TNT_EF',
         lr=1e-3,
-        damping=0.1,
+        abs_damping=0.1,
         weight_decay=1e-4,
         stat_interval=10,
-        inv_interval=100,
+        refresh_interval=100,
         warm_start_iters=5),
     paramwise_cfg=dict(norm_decay_mult=0.0))
-custom_hooks = [
-    dict(type='WarmStartHook'),
-    dict(type='PrecondStatsHook', interval=50)
-]
+# PrecondStatsHook (interval 50) comes from configs/_base_/precond_runtime.py
+custom_hooks = [dict(type='WarmStartHook'),
+                *_base_.custom_hooks]
 # at most 3 checkpoints are kept (a preconditioner's state makes them large)
 default_hooks = dict(checkpoint=dict(max_keep_ckpts=3))

@@ -14,10 +14,10 @@ optim_wrapper = dict(
         type='TNT',
         lr=1e-4,
         weight_decay=10.0,
-        damping=0.01,
+        abs_damping=0.01,
         momentum=0.9,
         stat_interval=10,
-        inv_interval=100,
+        refresh_interval=100,
         # sampled labels are drawn from the classifier head's logits
         logits_module='head',
         # the thesis initialises the factors over the whole training set;

@@ -132,15 +132,6 @@ def batched_statistics(buffers: Dict[str, StatBuffer],
     return out
 
 
-def frobenius_normalize(a: Tensor, eps: float = 1e-12) -> Tensor:
-    """``a / (||a||_F + eps)``: the per-batch normalisation of the NKFAC code.
-
-    It makes the factors invariant to the loss scale, to the batch size and
-    to how gradients are averaged across ranks.
-    """
-    return a / (torch.linalg.matrix_norm(a) + eps)
-
-
 def ema_update(running: Optional[Tensor], new: Tensor, decay: float) -> Tensor:
     """``running + (1 - decay) (new - running)``, ``running`` starting at 0."""
     if running is None:

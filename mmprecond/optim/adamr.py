@@ -199,20 +199,11 @@ class AdamR(PrecondOptimizer):
       into the new basis (:func:`rotate_moments`) and keeps ``V``, matched
       to the eigen-directions only by eigenvalue order; ``'project'`` also
       maps ``V`` by the squared rotation (:func:`project_moments`);
-      ``'reset'`` restarts them.  ``'rotate'`` was the default until it
-      was measured on the demo detector: where two eigenvalues swap order
-      at a refresh, the exactly rotated ``M`` meets a ``V`` entry built for
-      another direction, and the step in that coordinate is ``M / sqrt(V)``
-      with a small ``V``: the loss of the 60-iteration Faster R-CNN test
-      (``tests/test_optim/test_adamr_mmdet.py``) jumps to 9.6 after the
-      second basis (mean of the last 10 iterations 2.09 against 1.77 at
-      the start); ``'keep'``, ``'project'`` and ``'reset'`` end at 0.69,
-      0.72 and 0.72 there (AdamW 0.82), and over seeds 0-2 ``'keep'``
-      ends at 0.677 +- 0.054 against ``'rotate'``'s 1.16 +- 0.81.
-      ``'algorithm6'`` is the thesis box exactly: ``'keep'`` at every
-      change, the first included (the previous ``'keep'``); the default
-      before ``'rotate'`` was ``moment_projection='project',
-      reset_first_basis=False``.
+      ``'reset'`` restarts them.  ``'algorithm6'`` is the thesis box
+      exactly: ``'keep'`` at every change, the first included.  Why
+      ``'keep'`` is the default (``'rotate'`` was, until it broke the
+      demo detector) is measured in ``docs/benchmarks.md``, section
+      "AdamR design measurements".
     * With fresh moments, an eigen-direction in which a factor is exactly
       singular (e.g. the logit shift of a softmax-CE head: its ``L`` has
       the all-ones null vector) holds only rounding noise, and Adam's first
@@ -221,7 +212,7 @@ class AdamR(PrecondOptimizer):
       loss.  Raise ``eps`` if they matter (e.g. bit-level comparisons).
     * ``first_basis='stat_interval'`` forms the first basis right after the
       second statistics (``t = T_s``) instead of at ``t = T_u``.  It was
-      measured and lost (below), so it is not the default.
+      measured and lost (``docs/benchmarks.md``), so it is not the default.
     * ``power_interval`` (off by default) adds a cheaper refresh between
       the eigendecompositions: every ``power_interval`` steps each basis
       takes one warm-started orthogonal power step, ``U <- qr(F U)``
@@ -253,64 +244,12 @@ class AdamR(PrecondOptimizer):
       convs, layers with both sides above ``max_factor_dim``) get plain
       AdamW.  A side above ``max_factor_dim`` keeps the identity rotation.
 
-    Moment policy, measured on an ill-conditioned least-squares problem
-    (``benchmarks/adamr_least_squares.py``: ``nn.Linear(64, 16)`` from
-    zero, inputs with a rotated log-spaced spectrum, batch 256, lr 0.03,
-    400 steps, ``T_s=5``, ``T_u=20``; final loss = mean of the last 20
-    steps; seeds 0-4, mean +- std of the ratio to ``torch.optim.AdamW`` on
-    the same batches; "drift": the input eigenbasis turns by 3 rad over
-    the run, so later refreshes matter)::
+    The measurements behind these choices (moment policy, first-basis
+    time, power steps, the demos) are in ``docs/benchmarks.md``, section
+    "AdamR design measurements".
 
-        variant                            final/AdamW      drift: final/AdamW
-        Adam in the true eigenbasis        0.0050+-0.0007   0.244+-0.056
-        'algorithm6' (= old 'keep')        0.737 +-0.086    0.535+-0.051
-        old 'project' (no reset)           0.943 +-0.046    0.877+-0.031
-        reset 1st, then 'keep' (default)   0.0052+-0.0007   0.0065+-0.0015
-        reset 1st, then 'project'          0.0052+-0.0007   0.0072+-0.0019
-        reset 1st, then 'rotate'           0.0052+-0.0007   0.0063+-0.0014
-        reset 1st, then 'reset'            0.086 +-0.009    0.128+-0.009
-        'rotate', 1st basis at t = T_s     0.0051+-0.0007   0.0150+-0.0046
-        'rotate' + power step every T_s    0.0052+-0.0007   0.0061+-0.0013
-        eigh every T_s (1st at T_s)        0.0051+-0.0006   0.0139+-0.0061
-        eigh at T_s, then power steps only 0.0051+-0.0006   0.0172+-0.0053
-
-    The reset at the first basis is what matters (140x lower loss than
-    Algorithm 6; the "true eigenbasis" row is the noise floor).  Among the
-    later policies ``'keep'``, ``'rotate'`` and ``'project'`` tie within
-    one standard deviation and ``'reset'`` is 15-20x worse (``V`` restarts
-    from scratch after every refresh); the detector (above) decides for
-    ``'keep'``.  A first basis at ``t = T_s``
-    ties without drift and is 2.4x worse with it (the early, large
-    gradients then stay in ``V``; its mean loss over the whole run is also
-    1.3x higher than with the first basis at ``T_u``), so the first basis
-    stays at ``T_u``.  A power step every ``T_s`` between the
-    eigendecompositions ties with the eigendecompositions alone here.
-
-    On the demos (``benchmarks/adamr_moments.py``, CPU, lr 2e-3, wd 0.05,
-    AdamW in the same runs; the ResNet-18 Faster R-CNN on the synthetic
-    shapes set and the ResNet-18 classifier on the synthetic shapes
-    classes; mean +- std over seeds 0-2; final loss = mean of the last 50
-    iterations).  The schedules are shortened alike for every run so that
-    12 runs fit on a shared 2-core machine; the first three rows are the
-    earlier single-seed measurement at the detector demo's 1000
-    iterations::
-
-        demo  optimizer          iters T_s/T_u seeds final loss      mAP / top-1 %
-        det   AdamW              1000  10/100  0     0.6493          0.486
-        det   AdamR old 'keep'   1000  10/100  0     0.5580          0.544
-        det   AdamR old 'project' 1000 10/100  0     0.5568          0.548
-        det   AdamW              200   5/50    0-2   0.986 +- 0.050  0.047 +- 0.008
-        det   AdamR 'rotate'     200   5/50    0-2   0.931 +- 0.071  0.076 +- 0.004
-        cls   AdamW              320   10/100  0-2   0.675 +- 0.012  56.7 +- 1.6
-        cls   AdamR 'rotate'     320   10/100  0-2   0.606 +- 0.049  54.7 +- 2.9
-        cls   AdamR 'algorithm6' 320   10/100  0-2   0.595 +- 0.048  56.1 +- 0.6
-
-    AdamR reaches a lower training loss on both demos and a higher bbox
-    mAP on the (very short) detector schedule; on the classifier its
-    top-1 is 2 points below AdamW's, within about one standard deviation,
-    and ``'algorithm6'`` does as well as the default there.  The
-    least-squares problem, where the rotation is what matters, decides
-    the default.
+    Reference: Y. Sun, PhD thesis (PolyU), Algorithm 6; see the module
+    docstring.
 
     Args:
         params (Iterable): Parameters or parameter groups.
