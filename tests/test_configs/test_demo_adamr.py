@@ -24,4 +24,4 @@ def test_adamr_demo_builds_and_only_the_optimizer_differs():
     model = MODELS.build(adamr.model)
     wrapper = build_optim_wrapper(model, adamr.optim_wrapper)
     assert isinstance(wrapper.optimizer, AdamR)
-    assert wrapper.optimizer.basis_interval == 100
+    assert wrapper.optimizer.refresh_interval == 100

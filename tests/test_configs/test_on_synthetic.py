@@ -29,14 +29,14 @@ CHILDREN = {
              "optim_wrapper = dict(_delete_=True, type='OptimWrapper',\n"
              "    constructor='PrecondOptimWrapperConstructor',\n"
              "    optimizer=dict(type='AdamR', lr=1e-4, weight_decay=1e-4,\n"
-             '                   stat_interval=1, basis_interval=2),\n'
+             '                   stat_interval=1, refresh_interval=2),\n'
              '    clip_grad=dict(max_norm=0.1, norm_type=2))\n'),
     'rtmdet': ("_base_ = 'mmdet::rtmdet/rtmdet_tiny_8xb32-300e_coco.py'\n" +
                PRECOND +
                "optim_wrapper = dict(_delete_=True, type='OptimWrapper',\n"
                "    constructor='PrecondOptimWrapperConstructor',\n"
                "    optimizer=dict(type='AdaNKFAC', lr=1e-3, weight_decay=0.05,"
-               '\n                   stat_interval=1, inv_interval=2))\n'),
+               '\n                   stat_interval=1, refresh_interval=2))\n'),
 }
 
 

@@ -17,7 +17,7 @@ def factor_bytes_held(opt):
 
 
 @pytest.mark.parametrize('cls,kw', [
-    (NKFAC, {}), (AdaNKFAC, {}), (KFAC, {}), (AdamR, dict(basis_interval=1)),
+    (NKFAC, {}), (AdaNKFAC, {}), (KFAC, {}), (AdamR, dict(refresh_interval=1)),
     (FSGD, dict(precondition_convs=True)), (SGDM_BK, {}), (Shampoo, {})])
 def test_budget_is_enforced_on_the_state_really_held(tmp_path, cls, kw):
     ref = tiny_cnn()
