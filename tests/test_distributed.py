@@ -106,7 +106,7 @@ def worker(rank, world, port, name, steps, result_path):
     # every refreshed tensor (inverses, bases), as each rank holds it
     refreshed = torch.cat([v.reshape(-1) for st in opt.layer_state.values()
                            for k, v in sorted(st.items())
-                           if k.endswith('_inv') or k in ('U1', 'U2')])
+                           if k.endswith(('_inv', '_root')) or k in ('U1', 'U2')])
     ranks_refreshed = [torch.zeros_like(refreshed) for _ in range(world)]
     dist.all_gather(ranks_refreshed, refreshed)
     if rank == 0:

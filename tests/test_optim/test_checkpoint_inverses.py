@@ -81,12 +81,12 @@ def test_resume_at_a_refresh_step_is_bit_identical(cls, make, data_fn, kw):
     full, full_size = checkpoint_at(cls, make, data, hp, stop=6)
     light_layers = light['optim']['preconditioner']['layers']
     full_layers = full['optim']['preconditioner']['layers']
-    assert not any(k.endswith('_inv') for st in light_layers.values() for k in st)
+    assert not any(k.endswith(('_inv', '_root')) for st in light_layers.values() for k in st)
     assert set(light_layers) == set(full_layers)
     # the preconditioner part shrinks by the inverses (Kronecker: exactly half)
     inverse_bytes = sum(v.numel() * v.element_size()
                         for st in full_layers.values()
-                        for k, v in st.items() if k.endswith('_inv'))
+                        for k, v in st.items() if k.endswith(('_inv', '_root')))
     assert tensor_bytes(light_layers) == tensor_bytes(full_layers) - inverse_bytes
     assert light_size < full_size - inverse_bytes * 0.9
     if cls in (KFAC, NKFAC, AdaNKFAC, *ROOTS):
@@ -150,5 +150,5 @@ def test_roots_missing_after_resume_are_computed_at_once(cls):
     for name, st in opt.layer_state.items():
         for side in ('L', 'R'):
             if side in st:
-                assert side + '_inv' in st, (name, side)
-                assert torch.isfinite(st[side + '_inv']).all()
+                assert side + opt.derived_suffix in st, (name, side)
+                assert torch.isfinite(st[side + opt.derived_suffix]).all()

@@ -79,7 +79,7 @@ def resumed_equals_uninterrupted(cls, hp, stop, transform=None):
     for name, st in opt1.layer_state.items():
         loaded = opt2.layer_state[name]
         if hp.get('checkpoint_inverses') is False:  # inverses at 1st step
-            st = {k: v for k, v in st.items() if not k.endswith('_inv')}
+            st = {k: v for k, v in st.items() if not k.endswith(('_inv', '_root'))}
         assert set(loaded) == set(st), name
         for key, value in st.items():
             assert torch.equal(loaded[key], value), (name, key)
@@ -127,7 +127,7 @@ def test_auto_leaves_out_the_inverses_it_rebuilds(cls):
     # steps 0..4 ran; 4 folded then refreshed exactly (<= 2 T_inv)
     ckpt, auto_size = resumed_equals_uninterrupted(cls, dict(hp, **kw), stop=5)
     layers = ckpt['optim']['preconditioner']['layers']
-    assert not any(k.endswith('_inv') for st in layers.values() for k in st)
+    assert not any(k.endswith(('_inv', '_root')) for st in layers.values() for k in st)
     assert ckpt['optim']['preconditioner']['extras']['rebuilt_inverses']
     _, full_size = resumed_equals_uninterrupted(
         cls, dict(hp, checkpoint_inverses=True, **kw), stop=5)
@@ -215,8 +215,8 @@ def _ddp_rebuild_worker(rank, world, port, path):
     fresh.load_state_dict(sd)  # the rebuild is sharded: broadcasts on load
     same = all(torch.equal(fresh.layer_state[n][k], v)
                for n, st in opt.layer_state.items() for k, v in st.items())
-    omitted = sum(k.endswith('_inv') for st in opt.layer_state.values()
-                  for k in st) - sum(k.endswith('_inv') for st in
+    omitted = sum(k.endswith(('_inv', '_root')) for st in opt.layer_state.values()
+                  for k in st) - sum(k.endswith(('_inv', '_root')) for st in
                                      sd['preconditioner']['layers'].values()
                                      for k in st)
     save_from_rank0(dict(same=same, omitted=omitted), path)

@@ -7,7 +7,7 @@ from test_afopt import _log_lines, cnn_batches, run, tiny_cnn
 
 from mmprecond.optim import FSGD, KFAC, NKFAC, SGDM_BK, AdamR, AdaNKFAC, Shampoo
 
-SQUARE_KEYS = {'L', 'R', 'L_inv', 'R_inv', 'U1', 'U2'}
+SQUARE_KEYS = {'L', 'R', 'L_inv', 'R_inv', 'L_root', 'R_root', 'U1', 'U2'}
 
 
 def factor_bytes_held(opt):
