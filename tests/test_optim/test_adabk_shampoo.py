@@ -172,3 +172,28 @@ def test_invalid_arguments():
         SGDM_BK(m.parameters(), model=m, ns_iters=0)
     with pytest.raises(TypeError, match='PrecondOptimWrapperConstructor'):
         AdamW_BK(m.parameters())
+
+
+def test_loads_a_checkpoint_of_the_previous_layout():
+    """A checkpoint saved when roots were stored as ``'L_inv'`` / ``'R_inv'``
+    (``data/sgdm_bk_previous_layout.pth``, written by the code of that time
+    with ``data/make_sgdm_bk_previous_layout.py``) loads into the root keys."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), 'data',
+                        'sgdm_bk_previous_layout.pth')
+    saved = torch.load(path, weights_only=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model.load_state_dict(saved['model'])
+    opt = SGDM_BK(model.parameters(), model=model, lr=0.05, stat_interval=1,
+                  refresh_interval=2)
+    opt.load_state_dict(saved['optim'])
+    old = saved['optim']['preconditioner']['layers']
+    for name, st in opt.layer_state.items():
+        assert not any(k.endswith('_inv') for k in st), sorted(st)
+        for side in ('L', 'R'):
+            assert torch.equal(st[side + '_root'], old[name][side + '_inv'])
+    assert opt.fallbacks.counts.get('nonfinite_state_reset', 0) == 0
+    model(torch.randn(8, 6)).pow(2).mean().backward()
+    opt.step()  # step 3: no refresh, the loaded roots precondition
+    assert all(torch.isfinite(p).all() for p in model.parameters())
