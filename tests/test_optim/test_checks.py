@@ -13,7 +13,7 @@ from test_afopt import _log_lines, tiny_cnn
 
 import mmprecond  # noqa: F401  (registers)
 from mmprecond.optim import FSGD, KFAC, NKFAC, Ada_AFOpt, AdamR, AdaNKFAC, AFOpt, FAdam
-from mmprecond.optim.checks import accepted_keywords
+from mmprecond.optim.checks import accepted_keywords, check_keywords
 
 PRECOND = dict(constructor='PrecondOptimWrapperConstructor')
 
@@ -141,3 +141,27 @@ def test_layers_that_cannot_be_preconditioned_are_named(tmp_path):
     assert "2: padding_mode='reflect'" in text
     assert '3: unsupported type Conv1d' in text
     assert opt.fallbacks.counts['excluded_layers'] == 3
+
+
+def test_variants_take_their_base_keywords_only():
+    """One family, two variants: each signature has its base update's keys,
+    the other base's keys are refused at build time, old names name the new."""
+    import inspect
+
+    from mmprecond.optim import VARIANTS, KroneckerInverse
+    assert VARIANTS['AdaNKFAC'].family is KroneckerInverse
+    assert VARIANTS['NKFAC'].base == 'sgdm' and VARIANTS['AdaNKFAC'].base == 'adamw'
+    assert isinstance(KFAC, type) and issubclass(KFAC, NKFAC)
+    sgd, adam = accepted_keywords(NKFAC), accepted_keywords(AdaNKFAC)
+    assert {'momentum', 'nesterov'} <= set(sgd) and not {'betas', 'eps'} & set(sgd)
+    assert {'betas', 'eps'} <= set(adam) and not {'momentum', 'nesterov'} & set(adam)
+    assert inspect.signature(AdaNKFAC).parameters['weight_decay'].default == 0.2
+    with pytest.raises(ValueError, match='_delete_=True'):
+        check_keywords(AdaNKFAC, dict(type='AdaNKFAC', momentum=0.9))
+    with pytest.raises(ValueError, match='inv_interval was renamed refresh_interval'):
+        check_keywords(NKFAC, dict(type='NKFAC', inv_interval=10))
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError):
+        AdaNKFAC(model.parameters(), model=model, momentum=0.9)
+    with pytest.raises(TypeError):  # keyword-only: no positional lr
+        NKFAC(model.parameters(), 0.1, model=model)
