@@ -20,14 +20,14 @@ from mmprecond.distributed import (
 )
 from mmprecond.optim import NKFAC, AdamR, AdaNKFAC
 
-HP = dict(stat_interval=1, inv_interval=2, exact_inv_period=3)
+HP = dict(stat_interval=1, refresh_interval=2, exact_inv_period=3)
 # AdaNKFAC shards its inverse work over the ranks (the default); NKFAC runs
 # in the 'every rank computes everything' mode.
 OPTIMS = {'AdaNKFAC': (AdaNKFAC, dict(lr=1e-2, weight_decay=0.05)),
           'NKFAC': (NKFAC, dict(lr=0.05, weight_decay=1e-4,
-                                shard_inverses=False)),
+                                shard_refresh=False)),
           'AdamR': (AdamR, dict(lr=1e-2, weight_decay=0.05, stat_interval=1,
-                                basis_interval=4, eps=1e-6)),
+                                refresh_interval=4, eps=1e-6)),
           # the 145-wide inputs of fc/head exceed max_factor_dim: only their
           # output sides are collected and reduced
           'NKFAC-capped': (NKFAC, dict(lr=0.05, weight_decay=1e-4,
@@ -106,7 +106,7 @@ def worker(rank, world, port, name, steps, result_path):
     # every refreshed tensor (inverses, bases), as each rank holds it
     refreshed = torch.cat([v.reshape(-1) for st in opt.layer_state.values()
                            for k, v in sorted(st.items())
-                           if k.endswith('_inv') or k in ('U1', 'U2')])
+                           if k.endswith(('_inv', '_root')) or k in ('U1', 'U2')])
     ranks_refreshed = [torch.zeros_like(refreshed) for _ in range(world)]
     dist.all_gather(ranks_refreshed, refreshed)
     if rank == 0:
@@ -295,7 +295,7 @@ def traffic_worker(rank, world, port, steps, result_path):
 
 
 def test_before_refresh_reduces_only_running_factors_and_ranks_agree(tmp_path):
-    steps = 6  # inv_interval=2: refreshes at 0, 2, 4
+    steps = 6  # refresh_interval=2: refreshes at 0, 2, 4
     path = str(tmp_path / 'result.pt')
     mp.spawn(traffic_worker, args=(2, free_port(), steps, path), nprocs=2,
              join=True)

@@ -21,7 +21,7 @@ def _kind(key: str) -> str:
     for kind, keys in _KINDS:
         if key in keys:
             return kind
-    return 'inverses' if key.endswith('_inv') else 'other'
+    return 'inverses' if key.endswith(('_inv', '_root')) else 'other'
 
 
 def _nbytes(obj: Any) -> int:

@@ -12,22 +12,47 @@ from mmengine.registry import OPTIMIZERS
 
 from ..inverse_root import inverse_roots
 from .base import check_positive
-from .defaults import adamw_defaults, sgdm_defaults
+from .checks import check_integer
+from .defaults import base_defaults, variant
 from .diagnostics import root_diagnostics
-from .nkfac import DEFAULT_MAX_FACTOR_DIM, _KroneckerInverse
+from .nkfac import DEFAULT_MAX_FACTOR_DIM, KroneckerFactors
 
 
-class _KroneckerRoot(_KroneckerInverse):
-    """Kronecker preconditioner with ``L^{-1/p} G R^{-1/p}``, ``p`` in {2, 4}.
+def _renamed_root_keys(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` with the previous layout's root keys renamed.
+
+    Up to this layout the root family derived from the inverse one and kept
+    each root under ``'L_inv'`` / ``'R_inv'`` (also in ``'packed'``); they
+    become ``'L_root'`` / ``'R_root'``.  Other entries are left alone.
+    """
+    pre = state_dict.get('preconditioner')
+    if not pre:
+        return state_dict
+
+    def rename(layer: Dict[str, Any]) -> Dict[str, Any]:
+        return {(k[:-len('_inv')] + '_root' if k in ('L_inv', 'R_inv') else k): v
+                for k, v in layer.items()}
+
+    pre = dict(pre)
+    pre['layers'] = {n: rename(st) for n, st in pre.get('layers', {}).items()}
+    if 'packed' in pre:
+        pre['packed'] = {n: rename(st) for n, st in pre['packed'].items()}
+    return dict(state_dict, preconditioner=pre)
+
+
+class KroneckerRoot(KroneckerFactors):
+    """The AdaBK family: Kronecker factors with inverse roots ``L^{-1/p} G R^{-1/p}``.
 
     The statistics, layer handling, bias column, norm recovery, state and
-    base updates are those of :class:`~mmprecond.optim.nkfac._KroneckerInverse`;
-    only the refresh differs.  Every ``inv_interval`` steps (and for a
+    base updates are those of :class:`~mmprecond.optim.nkfac.KroneckerFactors`
+    (shared with the inverse family, not inherited from it); the derived
+    matrices are inverse ``p``-th roots, ``p`` in {2, 4}, stored under
+    ``'L_root'`` / ``'R_root'``.  Every ``refresh_interval`` steps (and for a
     factor seen for the first time) all due factors are damped,
-    ``A = S + eps lambda_max(S) I`` (or ``+ eps I`` with
-    ``relative_damping=False``), and their inverse ``p``-th roots are
-    computed *from scratch* by ``ns_iters`` coupled Newton–Schulz iterations
-    with trace normalisation, batched over factors of equal size
+    ``A = S + eps lambda_max(S) I`` (``damping``; or ``+ eps I`` with
+    ``abs_damping``), and their inverse roots are computed *from scratch*
+    by ``ns_iters`` coupled Newton–Schulz iterations with trace
+    normalisation, batched over factors of equal size
     (:func:`~mmprecond.inverse_root.inverse_roots`).  A root that comes out
     non-finite is not stored, and is counted under ``'root_fallback'``: that
     side stays unpreconditioned and is retried after the next statistics
@@ -36,44 +61,104 @@ class _KroneckerRoot(_KroneckerInverse):
     (mmdet's ResNet, ``zero_init_residual``) at step 0, where the authors'
     code would divide by a zero trace.  Every rank computes every root (the
     factors are identical across ranks), so no broadcast is needed.
+
+    The registered names are its variants: :class:`SGDM_BK` (SGDM base) and
+    :class:`AdamW_BK` (AdamW base); :class:`~mmprecond.optim.Shampoo` is a
+    member with ``p = 4`` and gradient statistics.
+
+    Args:
+        params (Iterable): Parameters or parameter groups.
+        base (str): ``'sgdm'`` or ``'adamw'``; fixed by each variant.
+        model (nn.Module): Model whose layers are hooked.
+        lr, momentum, nesterov, betas, eps, weight_decay: The base update's
+            keywords, as in :class:`~mmprecond.optim.nkfac.KroneckerInverse`.
+        stat_interval (int): ``T_s`` of the paper. Defaults to 200.
+        refresh_interval (int): ``T_ir`` of the paper: roots every this many
+            steps. Defaults to 2000.
+        damping (float): ``eps`` of the paper, relative to ``lambda_max``.
+            Defaults to 1e-5.
+        abs_damping (float, optional): An absolute ``eps`` (``A = S + eps
+            I``) instead of the relative ``damping``; give one of the two.
+            Defaults to None.
+        ns_iters (int): Newton–Schulz iterations ``K``. Defaults to 10.
+        stat_decay (float): ``alpha``. Defaults to 0.9.
+        grad_norm_recovery (bool): Rescale to the raw gradient's norm (eq.
+            19). Defaults to True.
+        max_factor_dim (int): Larger factors are not formed (that side is
+            identity). See :data:`~mmprecond.optim.nkfac.DEFAULT_MAX_FACTOR_DIM`.
+        skip_nonfinite_steps, factor_memory_budget_mb,
+        checkpoint_inverses: See :class:`~mmprecond.optim.PrecondOptimizer`
+            (the saved-without-roots resume recomputes each root from
+            scratch at the first step after loading). ``checkpoint_inverses``
+            defaults to True.
     """
 
-    #: Root order ``p``; subclasses set 2 (AdaBK) or 4 (Shampoo).
+    #: Root order ``p``: 2 (AdaBK) or 4 (Shampoo).
     root = 2
+    derived_suffix = '_root'
+    #: AdaBK and Shampoo fold the raw statistic.
+    frobenius_statistics = False
+    #: ``abs_damping`` replaces the ``damping`` term (see :func:`variant`).
+    exclusive_keywords = (('damping', 'abs_damping'), )
 
-    def __init__(self, params: Iterable, defaults: dict, model: Optional[nn.Module],
-                 base: str, stat_interval: int, inv_interval: int, damping: float,
-                 relative_damping: bool, ns_iters: int, stat_decay: float,
-                 grad_norm_recovery: bool, max_factor_dim: int,
+    def __init__(self,
+                 params: Iterable,
+                 *,
+                 base: str = 'sgdm',
+                 model: Optional[nn.Module] = None,
+                 lr: float = 0.02,
+                 momentum: Optional[float] = None,
+                 nesterov: Optional[bool] = None,
+                 betas: Optional[Tuple[float, float]] = None,
+                 eps: Optional[float] = None,
+                 weight_decay: Optional[float] = None,
+                 stat_interval: int = 200,
+                 refresh_interval: int = 2000,
+                 damping: float = 1e-5,
+                 abs_damping: Optional[float] = None,
+                 ns_iters: int = 10,
+                 stat_decay: float = 0.9,
+                 grad_norm_recovery: bool = True,
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None,
                  checkpoint_inverses: bool = True) -> None:
-        check_positive('damping', damping)
-        self.set_reliability_options(skip_nonfinite_steps,
-                                     factor_memory_budget_mb,
-                                     checkpoint_inverses)
-        if int(ns_iters) < 1:
-            raise ValueError(f'Invalid ns_iters: {ns_iters} (>= 1)')
-        super().__init__(params, defaults, model, base, stat_interval,
-                         inv_interval, exact_inv_period=1, newton_steps=1,
-                         damping=damping, damping_floor=1e-30,
+        if abs_damping is None:
+            check_positive('damping', damping)
+        else:
+            check_positive('abs_damping', abs_damping)
+        check_integer('ns_iters', ns_iters, minimum=1)
+        defaults = base_defaults(base, lr, momentum=momentum, nesterov=nesterov,
+                                 betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, model, base,
+                         stat_interval=stat_interval,
+                         refresh_interval=refresh_interval,
                          stat_decay=stat_decay,
                          grad_norm_recovery=grad_norm_recovery,
-                         max_factor_dim=max_factor_dim, exact_only=False,
-                         shard_inverses=False)
-        self.relative_damping = bool(relative_damping)
+                         max_factor_dim=max_factor_dim,
+                         skip_nonfinite_steps=skip_nonfinite_steps,
+                         factor_memory_budget_mb=factor_memory_budget_mb,
+                         checkpoint_inverses=checkpoint_inverses)
+        self.relative_damping = abs_damping is None
+        self.damping = float(damping if abs_damping is None else abs_damping)
+        self.abs_damping = None if abs_damping is None else float(abs_damping)
         self.ns_iters = int(ns_iters)
         #: set by :meth:`load_state_dict`: compute missing roots at once
         self._roots_after_load = False
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a checkpoint; roots it lacks (``checkpoint_inverses=False``)
-        are computed at the next step, whatever its phase."""
-        super().load_state_dict(state_dict)
+        are computed at the next step, whatever its phase.
+
+        Checkpoints written before the root family had its own keys store
+        the roots as ``'L_inv'`` / ``'R_inv'``; they are read as
+        ``'L_root'`` / ``'R_root'``.
+        """
+        super().load_state_dict(_renamed_root_keys(state_dict))
         self._roots_after_load = True
 
     def update_preconditioners(self, step: int) -> None:
-        periodic = step % self.inv_interval == 0
+        periodic = step % self.refresh_interval == 0
         # a missing root (never computed, or its computation failed) is
         # retried when new statistics arrive; right after loading, at once
         retry = self.is_stat_step(step) or self._roots_after_load
@@ -84,7 +169,7 @@ class _KroneckerRoot(_KroneckerInverse):
             if not st:
                 continue
             for side, _ in self._sides(module):
-                missing = side + '_inv' not in st
+                missing = side + '_root' not in st
                 if side in st and (periodic or missing and retry):
                     due.append((st, side))
         if not due:
@@ -100,9 +185,9 @@ class _KroneckerRoot(_KroneckerInverse):
                 'unpreconditioned until its statistics change', n=failed)
         for (st, side), r, good in zip(due, roots, ok):
             if good:
-                st[side + '_inv'] = r
+                st[side + '_root'] = r
             else:
-                st.pop(side + '_inv', None)
+                st.pop(side + '_root', None)
 
     def diagnostics(self) -> Dict[str, Any]:
         """``lambda_max``, ``damping``, ``root_error`` of the inverse roots
@@ -112,7 +197,8 @@ class _KroneckerRoot(_KroneckerInverse):
 
 
 @OPTIMIZERS.register_module()
-class SGDM_BK(_KroneckerRoot):
+@variant('sgdm', lr=0.02, momentum=0.9, weight_decay=0.0, nesterov=False)
+class SGDM_BK(KroneckerRoot):
     r"""SGDM_BK: AdaBK's block-diagonal Kronecker preconditioner on SGDM.
 
     Algorithm (Yong et al., CVPR 2023, Algorithm 2, with the authors'
@@ -144,68 +230,24 @@ class SGDM_BK(_KroneckerRoot):
     gradient; with every layer excluded SGDM_BK is ``torch.optim.SGD``.
 
     Args:
-        params (Iterable): Parameters or parameter groups.
-        lr (float): Learning rate. Defaults to 0.02 (COCO, paper).
-        momentum (float): Momentum. Defaults to 0.9.
-        weight_decay (float): Coupled L2 decay, added after
-            preconditioning. Defaults to 0.
-        nesterov (bool): Nesterov momentum. Defaults to False.
-        model (nn.Module): Model whose layers are hooked.
-        stat_interval (int): ``T_s``. Defaults to 200.
-        inv_interval (int): ``T_ir``. Defaults to 2000.
-        damping (float): ``eps``, relative to ``lambda_max``. 1e-5.
-        relative_damping (bool): ``False`` adds ``eps I``. Defaults to True.
-        ns_iters (int): Newton–Schulz iterations ``K``. Defaults to 10.
-        stat_decay (float): ``alpha``. Defaults to 0.9.
-        grad_norm_recovery (bool): Rescale to the raw gradient's norm (eq.
-            19). Defaults to True.
-        max_factor_dim (int): Larger factors are not formed (that side is
-            identity). See :data:`~mmprecond.optim.nkfac.DEFAULT_MAX_FACTOR_DIM`.
-        skip_nonfinite_steps, factor_memory_budget_mb,
-        checkpoint_inverses: As in :class:`~mmprecond.optim.NKFAC` (the
-            saved-without-inverses resume recomputes each root from scratch
-            at the first step after loading).
+        See :class:`KroneckerRoot` (``base='sgdm'``).  Defaults (the
+        paper's COCO settings): ``lr`` 0.02, ``momentum`` 0.9,
+        ``weight_decay`` 0, ``nesterov`` False, ``T_s`` 200, ``T_ir`` 2000,
+        ``eps`` 1e-5 (relative), ``K`` 10, ``alpha`` 0.9.
 
     Example:
         >>> import torch, torch.nn as nn
         >>> model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> opt = SGDM_BK(model.parameters(), model=model, lr=0.1,
-        ...               stat_interval=1, inv_interval=5)
+        ...               stat_interval=1, refresh_interval=5)
         >>> model(torch.randn(16, 8)).pow(2).mean().backward()
         >>> opt.step(); opt.zero_grad()
     """
 
-    frobenius_statistics = False
-
-    def __init__(self,
-                 params: Iterable,
-                 lr: float = 0.02,
-                 momentum: float = 0.9,
-                 weight_decay: float = 0.0,
-                 nesterov: bool = False,
-                 *,
-                 model: Optional[nn.Module] = None,
-                 stat_interval: int = 200,
-                 inv_interval: int = 2000,
-                 damping: float = 1e-5,
-                 relative_damping: bool = True,
-                 ns_iters: int = 10,
-                 stat_decay: float = 0.9,
-                 grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 skip_nonfinite_steps: bool = False,
-                 factor_memory_budget_mb: Optional[float] = None,
-                 checkpoint_inverses: bool = True) -> None:
-        defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
-        super().__init__(params, defaults, model, 'sgdm', stat_interval,
-                         inv_interval, damping, relative_damping, ns_iters,
-                         stat_decay, grad_norm_recovery, max_factor_dim,
-                         skip_nonfinite_steps, factor_memory_budget_mb,
-                         checkpoint_inverses)
-
 
 @OPTIMIZERS.register_module()
-class AdamW_BK(_KroneckerRoot):
+@variant('adamw', lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.02)
+class AdamW_BK(KroneckerRoot):
     r"""AdamW_BK: AdaBK's Kronecker preconditioner on an AdamW base.
 
     Algorithm::
@@ -228,10 +270,8 @@ class AdamW_BK(_KroneckerRoot):
         eps (float): Adam epsilon. Defaults to 1e-8.
         weight_decay (float): Decoupled weight decay. Defaults to 0.02 (the
             paper's Swin Mask R-CNN value).
-        model, stat_interval, inv_interval, damping, relative_damping,
-        ns_iters, stat_decay, grad_norm_recovery, max_factor_dim,
-        skip_nonfinite_steps, factor_memory_budget_mb,
-        checkpoint_inverses: As in :class:`SGDM_BK`.
+        Everything else: as in :class:`KroneckerRoot` (``base='adamw'``),
+        with SGDM_BK's defaults.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -240,31 +280,3 @@ class AdamW_BK(_KroneckerRoot):
         >>> model(torch.randn(2, 3, 8, 8)).mean().backward()
         >>> opt.step()
     """
-
-    frobenius_statistics = False
-
-    def __init__(self,
-                 params: Iterable,
-                 lr: float = 1e-4,
-                 betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8,
-                 weight_decay: float = 0.02,
-                 *,
-                 model: Optional[nn.Module] = None,
-                 stat_interval: int = 200,
-                 inv_interval: int = 2000,
-                 damping: float = 1e-5,
-                 relative_damping: bool = True,
-                 ns_iters: int = 10,
-                 stat_decay: float = 0.9,
-                 grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 skip_nonfinite_steps: bool = False,
-                 factor_memory_budget_mb: Optional[float] = None,
-                 checkpoint_inverses: bool = True) -> None:
-        defaults = adamw_defaults(lr, betas, eps, weight_decay)
-        super().__init__(params, defaults, model, 'adamw', stat_interval,
-                         inv_interval, damping, relative_damping, ns_iters,
-                         stat_decay, grad_norm_recovery, max_factor_dim,
-                         skip_nonfinite_steps, factor_memory_budget_mb,
-                         checkpoint_inverses)

@@ -36,7 +36,7 @@ DEFAULT_MAX_FACTOR_DIM = 8192
 MOMENT_PROJECTIONS = ('rotate', 'project', 'keep', 'reset', 'algorithm6')
 
 #: When a layer receives its first basis (see ``first_basis``).
-FIRST_BASIS = ('stat_interval', 'basis_interval')
+FIRST_BASIS = ('stat_interval', 'refresh_interval')
 
 #: Per-layer scalars kept on the CPU (read with ``.item()`` every step).
 _CPU_KEYS = ('step', 'L_count', 'R_count')
@@ -261,7 +261,7 @@ class AdamR(PrecondOptimizer):
         model (nn.Module): Model whose layers are hooked (passed by
             :class:`~mmprecond.engine.PrecondOptimWrapperConstructor`).
         stat_interval (int): ``T_s``. Defaults to 100.
-        basis_interval (int): ``T_u``. Defaults to 1000.
+        refresh_interval (int): ``T_u``. Defaults to 1000.
         eps_basis (float): ``eps_b`` added to ``L`` and ``R`` before the
             eigendecomposition. Defaults to 0.01.
         moment_projection (str): The moments at later basis changes:
@@ -271,13 +271,13 @@ class AdamR(PrecondOptimizer):
         reset_first_basis (bool, optional): Restart a layer's moments and
             bias correction at its first basis. Defaults to ``None``:
             ``True``, except ``False`` for ``'algorithm6'``.
-        first_basis (str): ``'basis_interval'`` (default: ``t = T_u``) or
+        first_basis (str): ``'refresh_interval'`` (default: ``t = T_u``) or
             ``'stat_interval'`` (``t = T_s``).
         power_interval (int, optional): Steps between power-step refreshes
             of the bases (``U <- qr(F U)``) in between the eigh refreshes.
             Defaults to None (none).
         max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
-        shard_basis (bool): Under ``torch.distributed``, split each batch of
+        shard_refresh (bool): Under ``torch.distributed``, split each batch of
             equal-sized factors over the ranks (balanced by ``n^3`` cost)
             and broadcast the eigenvectors, so the basis refresh time falls
             with the number of ranks.  ``False``: every rank computes every
@@ -295,7 +295,7 @@ class AdamR(PrecondOptimizer):
         >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
         ...                       nn.Linear(4 * 6 * 6, 2))
         >>> opt = AdamR(model.parameters(), model=model, lr=1e-3,
-        ...             stat_interval=1, basis_interval=2)
+        ...             stat_interval=1, refresh_interval=2)
         >>> for _ in range(3):
         ...     opt.zero_grad()
         ...     model(torch.randn(8, 3, 8, 8)).pow(2).mean().backward()
@@ -308,56 +308,55 @@ class AdamR(PrecondOptimizer):
 
     def __init__(self,
                  params: Iterable,
+                 *,
+                 model: Optional[nn.Module] = None,
                  lr: float = 1e-3,
                  betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8,
                  weight_decay: float = 1e-2,
-                 *,
-                 model: Optional[nn.Module] = None,
                  stat_interval: int = 100,
-                 basis_interval: int = 1000,
+                 refresh_interval: int = 1000,
                  eps_basis: float = 0.01,
                  moment_projection: str = 'keep',
                  reset_first_basis: Optional[bool] = None,
-                 first_basis: str = 'basis_interval',
+                 first_basis: str = 'refresh_interval',
                  power_interval: Optional[int] = None,
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 shard_basis: bool = True,
+                 shard_refresh: bool = True,
                  skip_nonfinite_steps: bool = False,
                  factor_memory_budget_mb: Optional[float] = None) -> None:
-        self.set_reliability_options(skip_nonfinite_steps,
-                                     factor_memory_budget_mb)
         defaults = adamw_defaults(lr, betas, eps, weight_decay)
         check_positive('eps_basis', eps_basis, allow_zero=True)
-        check_interval('basis_interval', basis_interval)
+        check_interval('refresh_interval', refresh_interval)
         if moment_projection not in MOMENT_PROJECTIONS:
             raise ValueError(f'Invalid moment_projection: {moment_projection!r} '
                              f'(one of {MOMENT_PROJECTIONS})')
         thesis = moment_projection == 'algorithm6'
         if reset_first_basis is None:
             reset_first_basis = not thesis
-        if thesis and (reset_first_basis or first_basis != 'basis_interval'):
+        if thesis and (reset_first_basis or first_basis != 'refresh_interval'):
             raise ValueError("moment_projection='algorithm6' is Algorithm 6 "
                              'exactly: it takes no reset_first_basis=True and '
-                             "no first_basis other than 'basis_interval'")
+                             "no first_basis other than 'refresh_interval'")
         if first_basis not in FIRST_BASIS:
             raise ValueError(f'Invalid first_basis: {first_basis!r} '
                              f'(one of {FIRST_BASIS})')
-        if power_interval is not None and int(power_interval) < 1:
-            raise ValueError(f'Invalid power_interval: {power_interval} (>= 1)')
+        if power_interval is not None:
+            check_interval('power_interval', power_interval)
         super().__init__(params, defaults, model, 'adamw', stat_interval,
-                         max_factor_dim)
-        self.basis_interval = int(basis_interval)
+                         max_factor_dim, skip_nonfinite_steps=skip_nonfinite_steps,
+                         factor_memory_budget_mb=factor_memory_budget_mb)
+        self.refresh_interval = int(refresh_interval)
         self.eps_basis = float(eps_basis)
         self.moment_projection = 'keep' if thesis else moment_projection
         self.reset_first_basis = bool(reset_first_basis)
         self.first_basis = first_basis
         self.power_interval = (None if power_interval is None else
                                int(power_interval))
-        self.shard_basis = bool(shard_basis)
+        self.shard_refresh = bool(shard_refresh)
         # transposed views of the current bases (see _transpose)
         self._transposes: Dict[int, Tuple[Tensor, Tensor]] = {}
-        warn_unaligned_interval('AdamR', 'basis_interval', self.basis_interval,
+        warn_unaligned_interval('AdamR', 'refresh_interval', self.refresh_interval,
                                 self.stat_interval)
 
     # ------------------------------------------------------------ statistics
@@ -393,10 +392,10 @@ class AdamR(PrecondOptimizer):
     # ----------------------------------------------------------------- bases
     def is_basis_step(self, step: int) -> bool:
         """Whether the (0-based) ``step`` computes fresh eigenbases."""
-        if step > 0 and step % self.basis_interval == 0:
+        if step > 0 and step % self.refresh_interval == 0:
             return True
         return (self.first_basis == 'stat_interval'
-                and step == self.stat_interval < self.basis_interval)
+                and step == self.stat_interval < self.refresh_interval)
 
     def update_preconditioners(self, step: int) -> None:
         if self.is_basis_step(step):
@@ -414,7 +413,7 @@ class AdamR(PrecondOptimizer):
         decomposed by one batched ``eigh`` (:func:`~mmprecond.linalg.eigh_batch`;
         cache-sized batches on the CPU); under torch.distributed the
         batches are split over the ranks by ``n^3`` and the sign-aligned
-        eigenvectors broadcast (``shard_basis``).  Retries and failures are
+        eigenvectors broadcast (``shard_refresh``).  Retries and failures are
         counted per factor on every rank; a failed factor keeps its basis.
         """
         self.sync_fallbacks()
@@ -448,7 +447,7 @@ class AdamR(PrecondOptimizer):
 
         results = run_batched(
             keys, work, lambda key: float(key[0])**3, outputs,
-            shard=self.shard_basis,
+            shard=self.shard_refresh,
             max_items=lambda key: batch_limit(key[0], torch.float64, key[2]))
         changes: Dict[str, Dict[str, Tensor]] = {}
         for chunk, (vecs, flags) in results:

@@ -36,8 +36,8 @@ from ..curvature.capture import input_rows_gram
 from ..curvature.factors import BatchStatistics
 from ..distributed import all_reduce_sum_, world_size
 from .base import loaded_layer_state
-from .defaults import adamw_defaults, sgdm_defaults
-from .fsgd import DEFAULT_MAX_FACTOR_DIM, FeatureDescent
+from .defaults import extended_signature, variant
+from .fsgd import FeatureDescent
 
 #: Elements of the largest ``(b, H, N, N)`` temporary of the softmax
 #: Jacobian statistics (fp32): about 64 MB per temporary.
@@ -188,22 +188,26 @@ def accumulate_record(sums: AttentionSums, rec: AttentionRecord,
 class AttentionFeatureDescent(FeatureDescent):
     """FSGD for ``Linear`` layers plus attention-feature descent for Q, K, V.
 
-    See :class:`AFOpt` for the algorithm; this class holds everything but
-    the choice of base update.
+    See :class:`AFOpt` for the algorithm; this family holds everything but
+    the choice of base update (its variants: :class:`AFOpt`, SGDM base, and
+    :class:`Ada_AFOpt`, AdamW base).
+
+    Args:
+        value_jitter (float): Added to the diagonal of ``W_V^T W_V``.
+            Defaults to 1e-4.
+        **keywords: Those of :class:`~mmprecond.optim.fsgd.FeatureDescent`
+            (``base``, ``model``, the base update's, ``stat_interval``,
+            ``refresh_interval`` = ``T_u``, ``damping`` = ``eta``, ...).
     """
 
-    def __init__(self, params: Iterable, defaults: dict, model: Optional[nn.Module],
-                 base: str, stat_interval: int, inv_interval: int, damping: float,
-                 damping_floor: float, stat_decay: float, grad_norm_recovery: bool,
-                 max_factor_dim: int, precondition_convs: bool,
-                 value_jitter: float) -> None:
+    def __init__(self, params: Iterable, *, value_jitter: float = 1e-4,
+                 **keywords: Any) -> None:
         if not value_jitter > 0:
             raise ValueError(f'Invalid value_jitter: {value_jitter} (must be > 0)')
         self.value_jitter = float(value_jitter)
         self.attention: Dict[str, Tuple[nn.Module, AttentionLayout]] = {}
-        super().__init__(params, defaults, model, base, stat_interval,
-                         inv_interval, damping, damping_floor, stat_decay,
-                         grad_norm_recovery, max_factor_dim, precondition_convs)
+        super().__init__(params, **keywords)
+        base = self.base
         self._layer_names = {id(m): n for n, m in self.layers.items()}
         self.attention_sums = {n: AttentionSums() for n in self.attention}
         self.tap = AttentionTap({n: m for n, (m, _) in self.attention.items()},
@@ -479,7 +483,13 @@ _AFOPT_READINGS = r"""
 """
 
 
+# the family's keywords are FeatureDescent's plus value_jitter
+AttentionFeatureDescent.__init__.__signature__ = extended_signature(  # type: ignore
+    FeatureDescent.__init__, value_jitter=1e-4)
+
+
 @OPTIMIZERS.register_module()
+@variant('sgdm', lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=False)
 class AFOpt(AttentionFeatureDescent):
     __doc__ = r"""AFOpt: attention-feature-based descent on an SGDM base.
 
@@ -503,7 +513,8 @@ class AFOpt(AttentionFeatureDescent):
         nesterov (bool): Nesterov momentum. Defaults to False.
         model (nn.Module): The model (passed by the mmprecond constructor).
         stat_interval (int): ``T_s``. Defaults to 50.
-        inv_interval (int): ``T_u``. Defaults to 500.
+        refresh_interval (int): ``T_u``: inverses every this many steps.
+            Defaults to 500.
         damping (float): ``eta``. Defaults to 0.01.
         damping_floor (float): Lower bound of the relative damping. 1e-4.
         stat_decay (float): ``alpha``. Defaults to 0.95.
@@ -513,14 +524,8 @@ class AFOpt(AttentionFeatureDescent):
         precondition_convs (bool): FSGD for ``Conv2d`` too. Defaults to False.
         value_jitter (float): Added to the diagonal of ``W_V^T W_V``.
             Defaults to 1e-4.
-        skip_nonfinite_steps (bool): Skip a non-finite step exactly (one
-            host read per step) instead of zeroing non-finite gradient
-            entries on the device; see :class:`~mmprecond.optim.NKFAC`.
-        factor_memory_budget_mb (float, optional): Bound, in MiB, on the
-            estimated factor memory; see :class:`~mmprecond.optim.NKFAC`.
-            Defaults to None.
-        checkpoint_inverses (bool): Save the inverses in checkpoints; see
-            :class:`~mmprecond.optim.NKFAC`. Defaults to True.
+        skip_nonfinite_steps, factor_memory_budget_mb,
+        checkpoint_inverses: See :class:`~mmprecond.optim.PrecondOptimizer`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -528,7 +533,7 @@ class AFOpt(AttentionFeatureDescent):
         >>> head = nn.Linear(16, 3)
         >>> model = nn.ModuleDict(dict(attn=attn, head=head))
         >>> opt = AFOpt(model.parameters(), model=model, lr=0.01,
-        ...             stat_interval=1, inv_interval=5)
+        ...             stat_interval=1, refresh_interval=5)
         >>> x = torch.randn(4, 10, 16)
         >>> head(attn(x, x, x)[0]).pow(2).mean().backward()
         >>> opt.step()
@@ -536,36 +541,9 @@ class AFOpt(AttentionFeatureDescent):
         ['LK', 'LK_inv', 'LQ', 'LQ_inv']
     """
 
-    def __init__(self,
-                 params: Iterable,
-                 lr: float = 0.01,
-                 momentum: float = 0.9,
-                 weight_decay: float = 1e-4,
-                 nesterov: bool = False,
-                 *,
-                 model: Optional[nn.Module] = None,
-                 stat_interval: int = 50,
-                 inv_interval: int = 500,
-                 damping: float = 0.01,
-                 damping_floor: float = 1e-4,
-                 stat_decay: float = 0.95,
-                 grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 precondition_convs: bool = False,
-                 value_jitter: float = 1e-4,
-                 skip_nonfinite_steps: bool = False,
-                 factor_memory_budget_mb: Optional[float] = None,
-                 checkpoint_inverses: bool = True) -> None:
-        self.set_reliability_options(skip_nonfinite_steps,
-                                     factor_memory_budget_mb,
-                                     checkpoint_inverses)
-        super().__init__(params, sgdm_defaults(lr, momentum, weight_decay, nesterov),
-                         model, 'sgdm', stat_interval, inv_interval, damping,
-                         damping_floor, stat_decay, grad_norm_recovery,
-                         max_factor_dim, precondition_convs, value_jitter)
-
 
 @OPTIMIZERS.register_module()
+@variant('adamw', lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
 class Ada_AFOpt(AttentionFeatureDescent):  # noqa: N801 (the thesis' name)
     __doc__ = r"""Ada_AFOpt: the AFOpt direction fed to AdamW (thesis Algorithm 8).
 
@@ -584,11 +562,7 @@ class Ada_AFOpt(AttentionFeatureDescent):  # noqa: N801 (the thesis' name)
         betas (tuple[float, float]): Adam betas. Defaults to (0.9, 0.999).
         eps (float): Adam epsilon. Defaults to 1e-8.
         weight_decay (float): Decoupled weight decay. Defaults to 0.05.
-        model, stat_interval, inv_interval, damping, damping_floor,
-        stat_decay, grad_norm_recovery, max_factor_dim, precondition_convs,
-        value_jitter, skip_nonfinite_steps, factor_memory_budget_mb,
-        checkpoint_inverses: As in
-        :class:`AFOpt`.
+        Everything else: as in :class:`AFOpt`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -601,31 +575,3 @@ class Ada_AFOpt(AttentionFeatureDescent):  # noqa: N801 (the thesis' name)
         >>> list(opt.attention), list(opt.layers)
         ([''], ['out_proj'])
     """
-
-    def __init__(self,
-                 params: Iterable,
-                 lr: float = 1e-4,
-                 betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8,
-                 weight_decay: float = 0.05,
-                 *,
-                 model: Optional[nn.Module] = None,
-                 stat_interval: int = 50,
-                 inv_interval: int = 500,
-                 damping: float = 0.01,
-                 damping_floor: float = 1e-4,
-                 stat_decay: float = 0.95,
-                 grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 precondition_convs: bool = False,
-                 value_jitter: float = 1e-4,
-                 skip_nonfinite_steps: bool = False,
-                 factor_memory_budget_mb: Optional[float] = None,
-                 checkpoint_inverses: bool = True) -> None:
-        self.set_reliability_options(skip_nonfinite_steps,
-                                     factor_memory_budget_mb,
-                                     checkpoint_inverses)
-        super().__init__(params, adamw_defaults(lr, betas, eps, weight_decay),
-                         model, 'adamw', stat_interval, inv_interval, damping,
-                         damping_floor, stat_decay, grad_norm_recovery,
-                         max_factor_dim, precondition_convs, value_jitter)

@@ -276,6 +276,24 @@ class PrecondOptimizer(Optimizer, EngineProtocol):
             Frobenius normalisation a mean of normalised statistics is not
             the normalised mean; see ``benchmarks/bench_stat_reduction.py``).
             Only for optimizers that define :attr:`statistic_keys`.
+        skip_nonfinite_steps (bool): Without an AMP loss scaler, skip a
+            step whose gradients are not all finite exactly (weights and
+            state untouched), at the cost of one host read per step.
+            ``False`` (default): non-finite gradient entries are zeroed on
+            the device and counted, with no host read (see
+            :meth:`_gradients_finite`).
+        factor_memory_budget_mb (float, optional): Bound, in MiB, on
+            :meth:`factor_bytes` summed over the preconditioned layers; the
+            layers with the largest factors are left first-order until the
+            rest fit, and are listed in the log. Defaults to None (no bound).
+        checkpoint_inverses (bool | str): Whether :meth:`state_dict` saves
+            the state derived from the factors (:meth:`is_derived_key`).
+            ``'auto'`` is offered by the optimizers that
+            :attr:`rebuilds_inverses_exactly` (NKFAC): only what loading
+            cannot rebuild bit for bit is saved. Defaults to True.
+
+    All of these are shared by every family: the family constructors take
+    them as keyword-only arguments and hand them on by name.
 
     Attributes:
         fallbacks (FallbackLog): Counts of every fallback taken.
@@ -296,9 +314,6 @@ class PrecondOptimizer(Optimizer, EngineProtocol):
     #: ``reduce_statistics='before_refresh'`` averages over ranks (empty: the
     #: optimizer does not offer that mode).
     statistic_keys: Tuple[str, ...] = ()
-    #: See :meth:`_gradients_finite`; public optimizers take it as a keyword.
-    skip_nonfinite_steps: bool = False
-
     #: Whether :meth:`update_statistics` handles non-finite statistics on
     #: the device (:meth:`fold_statistics`); otherwise they are dropped
     #: after a host-side check, which synchronises.
@@ -318,8 +333,12 @@ class PrecondOptimizer(Optimizer, EngineProtocol):
                  base: str,
                  stat_interval: int,
                  max_factor_dim: int,
+                 *,
                  layer_types: tuple = (nn.Linear, nn.Conv2d),
-                 reduce_statistics: str = 'every_step') -> None:
+                 reduce_statistics: str = 'every_step',
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: Union[bool, str] = True) -> None:
         if model is None:
             raise TypeError(MISSING_MODEL_MSG.format(name=type(self).__name__))
         if base not in BASE_UPDATES:
@@ -333,6 +352,18 @@ class PrecondOptimizer(Optimizer, EngineProtocol):
         if reduce_statistics != 'every_step' and not self.statistic_keys:
             raise ValueError(f'{type(self).__name__} supports only '
                              "reduce_statistics='every_step'")
+        if isinstance(checkpoint_inverses, str) and (
+                checkpoint_inverses != 'auto' or not self.rebuilds_inverses_exactly):
+            allowed = ("True, False or 'auto'" if self.rebuilds_inverses_exactly
+                       else 'True or False')
+            raise ValueError(f'Invalid checkpoint_inverses: '
+                             f'{checkpoint_inverses!r} ({allowed})')
+        # set before the layer list is built: the memory budget prunes it
+        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
+        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
+        self.checkpoint_inverses: Union[bool, str] = (
+            checkpoint_inverses if isinstance(checkpoint_inverses, str)
+            else bool(checkpoint_inverses))
         super().__init__(params, defaults)
         self.reduce_statistics = reduce_statistics
         self.base = base
@@ -385,32 +416,6 @@ class PrecondOptimizer(Optimizer, EngineProtocol):
         self.fallbacks.counts['excluded_layers'] = len(excluded)
         return chosen
 
-    def set_reliability_options(self, skip_nonfinite_steps: bool,
-                                factor_memory_budget_mb: Optional[float],
-                                checkpoint_inverses: Union[bool, str] = True
-                                ) -> None:
-        """Check and store the public optimizers' reliability keywords.
-
-        Called by their ``__init__`` before this class initialises, since
-        building the layer list applies the memory budget.
-        ``checkpoint_inverses`` is ``True``, ``False`` or, for optimizers
-        that can rebuild inverses exactly (NKFAC), ``'auto'``.
-        """
-        self.factor_memory_budget_mb = check_budget(factor_memory_budget_mb)
-        self.skip_nonfinite_steps = bool(skip_nonfinite_steps)
-        if isinstance(checkpoint_inverses, str):
-            if (checkpoint_inverses != 'auto'
-                    or not self.rebuilds_inverses_exactly):
-                allowed = ("True, False or 'auto'"
-                           if self.rebuilds_inverses_exactly else
-                           'True or False')
-                raise ValueError(
-                    f'Invalid checkpoint_inverses: {checkpoint_inverses!r} '
-                    f'({allowed})')
-            self.checkpoint_inverses = checkpoint_inverses
-        else:
-            self.checkpoint_inverses = bool(checkpoint_inverses)
-
     def factor_bytes(self, module: nn.Module) -> int:
         """Estimated preconditioner memory of one layer, in bytes.
 
@@ -425,13 +430,12 @@ class PrecondOptimizer(Optimizer, EngineProtocol):
             self, chosen: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
         """Leave the costliest layers first-order until the rest fit.
 
-        ``factor_memory_budget_mb`` (set by the public optimizers before
-        this base class initialises) bounds :meth:`factor_bytes` summed
+        ``factor_memory_budget_mb`` bounds :meth:`factor_bytes` summed
         over the preconditioned layers.  Layers are dropped largest first,
         which keeps the most layers preconditioned; the dropped ones get the
         plain base update and are listed in the log.
         """
-        budget_mb = getattr(self, 'factor_memory_budget_mb', None)
+        budget_mb = self.factor_memory_budget_mb
         if budget_mb is None:
             return chosen
         budget = float(budget_mb) * 2**20
@@ -970,7 +974,7 @@ class PrecondOptimizer(Optimizer, EngineProtocol):
         otherwise none here (NKFAC leaves out, by default, the inverses it
         can rebuild bit for bit when loading).
         """
-        if getattr(self, 'checkpoint_inverses', True) is False:
+        if self.checkpoint_inverses is False:
             return {(name, key) for name, st in self.layer_state.items()
                     for key in st if self.is_derived_key(key)}
         return set()
@@ -988,16 +992,17 @@ class PrecondOptimizer(Optimizer, EngineProtocol):
     def is_derived_key(self, key: str) -> bool:
         """Whether ``layer_state[...][key]`` is recomputed from the factors.
 
-        Inverses (``*_inv``) are: with ``checkpoint_inverses=False`` they
+        Inverses (``*_inv``) and inverse roots (``*_root``) are: with
+        ``checkpoint_inverses=False`` they
         are left out of :meth:`state_dict`, and the first :meth:`step` after
         loading computes each missing one exactly from the loaded factor (as
         for a layer seen for the first time).  That is bit-identical to the
         uninterrupted run when the checkpoint is taken at a step where the
         uninterrupted run refreshes exactly (an iteration that is a multiple
-        of ``inv_interval``; for NKFAC also one of its exact refreshes);
+        of ``refresh_interval``; for NKFAC also one of its exact refreshes);
         otherwise it amounts to one extra exact refresh at the resume step.
         """
-        return key.endswith('_inv')
+        return key.endswith(('_inv', '_root'))
 
     def _step_counters_on_host(self) -> None:
         """Put each parameter's ``step`` counter where torch's AdamW keeps it.

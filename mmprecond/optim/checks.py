@@ -27,7 +27,13 @@ SGD_ONLY_KEYS = ('momentum', 'nesterov', 'dampening')
 #: Keywords of earlier releases and their current names (one vocabulary for
 #: every family, ``docs/vocabulary.md``).  A config that still uses an old
 #: name fails at build time with the new one in the message.
-RENAMED_KEYWORDS: Dict[str, str] = {}
+RENAMED_KEYWORDS: Dict[str, str] = {
+    'inv_interval': 'refresh_interval',
+    'basis_interval': 'refresh_interval',
+    'shard_inverses': 'shard_refresh',
+    'shard_basis': 'shard_refresh',
+    'relative_damping': 'abs_damping',
+}
 
 
 def check_interval(name: str, value: Any) -> int:

@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 from ..curvature.capture import factor_dims, gradient_matrix
-from ..inverse_root import batched_power_lmax
 from ..linalg import estimate_residual, power_iteration_lmax
 from ..protocol import CheckpointLayout, Scalar
 
@@ -171,7 +170,7 @@ def root_diagnostics(layer_state: Dict[str, Dict[str, Tensor]], p: int,
     (:func:`~mmprecond.inverse_root.damped_inverse_roots`):
     ``A = S + eps I`` with ``eps = damping * lambda_max(S)`` (relative) or
     ``eps = damping``; ``root_error`` is the max over factors of
-    :func:`root_residual` of the stored root ``k + '_inv'``.
+    :func:`root_residual` of the stored root ``k + '_root'``.
 
     Args:
         layer_state (dict): The optimizer's per-layer state.
@@ -185,9 +184,9 @@ def root_diagnostics(layer_state: Dict[str, Dict[str, Tensor]], p: int,
     """
     lmaxes, shifts, errors = [], [], []
     gens: Dict[torch.device, torch.Generator] = {}
-    for stat, root in _pairs(layer_state, '_inv'):
+    for stat, root in _pairs(layer_state, '_root'):
         s = stat.float()
-        lmax = batched_power_lmax(s[None])[0]
+        lmax = power_iteration_lmax(s, 10)
         shift = damping * lmax if relative else lmax.new_tensor(damping)
         a = s + shift * torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
         lmaxes.append(lmax)

@@ -24,10 +24,9 @@ from ..linalg import (
     record_flags,
     refresh_inverse,
 )
-from ..logging import FallbackLog
 from .base import PrecondOptimizer, check_positive, check_unit_interval
 from .checks import check_damping, check_interval, warn_unaligned_interval
-from .defaults import adamw_defaults, sgdm_defaults
+from .defaults import base_defaults, variant
 from .diagnostics import newton_diagnostics
 
 #: Default ``max_factor_dim``: a layer whose input factor (``C_in`` plus the
@@ -61,31 +60,6 @@ def damped_inverse_batch(blocks: Tensor, owner: Tensor, count: int,
     return refresh_inverse(blocks, damping, floor, lmax=lmax[owner])
 
 
-def damped_inverse(stat: Tensor, damping: float, floor: float,
-                   log: Optional[FallbackLog] = None) -> Tensor:
-    """``(S / ||S||_F + max(floor, damping * lambda_max) I)^-1`` (eq. 5.17).
-
-    The statistic is Frobenius-normalised before damping, so ``floor`` is
-    relative to its size (the optimizers' norm recovery removes the overall
-    scale anyway).  A stack ``(H, d, d)`` stands for the block-diagonal
-    matrix of its heads; see :func:`damped_inverse_batch`, which the
-    optimizers call once per size for all their statistics.
-
-    Args:
-        stat (Tensor): Symmetric PSD ``(d, d)`` or ``(H, d, d)``.
-        damping (float): Relative damping ``eta``.
-        floor (float): Lower bound of the added multiple of ``I``.
-        log (FallbackLog, optional): Where inverse retries are counted.
-    """
-    blocks = stat.reshape(-1, stat.shape[-1], stat.shape[-1])
-    owner = torch.zeros(blocks.shape[0], dtype=torch.long, device=stat.device)
-    inv, flags = damped_inverse_batch(blocks, owner, 1, damping, floor)
-    if any(c & INVERSE_FAILED for c in record_flags(log, flags)):
-        raise FloatingPointError('could not invert a damped statistic; it '
-                                 'contains non-finite values')
-    return inv.reshape(stat.shape)
-
-
 class FeatureDescent(PrecondOptimizer):
     """Shared machinery of FSGD / FAdam (and AFOpt's non-attention layers).
 
@@ -101,28 +75,79 @@ class FeatureDescent(PrecondOptimizer):
     at once for a layer whose first statistic arrives later (e.g. a RoI head
     that saw no RoIs at ``t = 0``).  Algorithm 7's 1-based ``t % T_s == 0``
     would leave the first ``T_u`` steps unpreconditioned.
+
+    The registered names are its variants: :class:`FSGD` (SGDM base) and
+    :class:`FAdam` (AdamW base); AFOpt's family
+    (:class:`~mmprecond.optim.afopt.AttentionFeatureDescent`) derives from it.
+
+    Args:
+        params (Iterable): Parameters or parameter groups.
+        base (str): ``'sgdm'`` or ``'adamw'``; fixed by each variant.
+        model (nn.Module): The model whose layers are hooked (passed by
+            :class:`~mmprecond.engine.PrecondOptimWrapperConstructor`).
+        lr, momentum, nesterov, betas, eps, weight_decay: The base update's
+            keywords, as in :class:`~mmprecond.optim.nkfac.KroneckerInverse`
+            (``weight_decay`` is added after preconditioning under SGDM).
+        stat_interval (int): ``T_s`` of the thesis. Defaults to 50.
+        refresh_interval (int): ``T_u`` of the thesis: inverses every this
+            many steps. Defaults to 500.
+        damping (float): ``eta`` of the adaptive damping, relative to
+            ``lambda_max`` of the normalised statistic. Defaults to 0.01.
+        damping_floor (float): Lower bound of the relative damping. 1e-4.
+        stat_decay (float): ``alpha``. Defaults to 0.95.
+        grad_norm_recovery (bool): Rescale each direction to the raw
+            gradient's norm. Defaults to True.
+        max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
+        precondition_convs (bool): Also precondition ``Conv2d`` layers
+            (im2col inputs). Defaults to False.
+        skip_nonfinite_steps, factor_memory_budget_mb,
+        checkpoint_inverses: See :class:`~mmprecond.optim.PrecondOptimizer`
+            (``checkpoint_inverses`` defaults to True).
     """
 
     checks_statistics_on_device = True
 
-    def __init__(self, params: Iterable, defaults: dict, model: Optional[nn.Module],
-                 base: str, stat_interval: int, inv_interval: int, damping: float,
-                 damping_floor: float, stat_decay: float, grad_norm_recovery: bool,
-                 max_factor_dim: int, precondition_convs: bool) -> None:
-        check_interval('inv_interval', inv_interval)
+    def __init__(self,
+                 params: Iterable,
+                 *,
+                 base: str = 'sgdm',
+                 model: Optional[nn.Module] = None,
+                 lr: float = 0.01,
+                 momentum: Optional[float] = None,
+                 nesterov: Optional[bool] = None,
+                 betas: Optional[Tuple[float, float]] = None,
+                 eps: Optional[float] = None,
+                 weight_decay: Optional[float] = None,
+                 stat_interval: int = 50,
+                 refresh_interval: int = 500,
+                 damping: float = 0.01,
+                 damping_floor: float = 1e-4,
+                 stat_decay: float = 0.95,
+                 grad_norm_recovery: bool = True,
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
+                 precondition_convs: bool = False,
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: bool = True) -> None:
+        defaults = base_defaults(base, lr, momentum=momentum, nesterov=nesterov,
+                                 betas=betas, eps=eps, weight_decay=weight_decay)
+        check_interval('refresh_interval', refresh_interval)
         check_damping(damping)
         check_positive('damping_floor', damping_floor)
         check_unit_interval('stat_decay', stat_decay)
         layer_types = (nn.Linear, nn.Conv2d) if precondition_convs else (nn.Linear, )
-        self.inv_interval = int(inv_interval)
+        self.refresh_interval = int(refresh_interval)
         self.damping = float(damping)
         self.damping_floor = float(damping_floor)
         self.stat_decay = float(stat_decay)
         self.grad_norm_recovery = bool(grad_norm_recovery)
         super().__init__(params, defaults, model, base, stat_interval,
-                         max_factor_dim, layer_types)
-        warn_unaligned_interval(type(self).__name__, 'inv_interval',
-                                self.inv_interval, self.stat_interval)
+                         max_factor_dim, layer_types=layer_types,
+                         skip_nonfinite_steps=skip_nonfinite_steps,
+                         factor_memory_budget_mb=factor_memory_budget_mb,
+                         checkpoint_inverses=checkpoint_inverses)
+        warn_unaligned_interval(type(self).__name__, 'refresh_interval',
+                                self.refresh_interval, self.stat_interval)
 
     def _select_layers(self, model: nn.Module,
                        layer_types: tuple) -> Dict[str, nn.Module]:
@@ -152,7 +177,7 @@ class FeatureDescent(PrecondOptimizer):
 
     def refresh_due(self, step: int) -> bool:
         """Whether inverses are recomputed at (0-based) ``step``."""
-        return step % self.inv_interval == 0
+        return step % self.refresh_interval == 0
 
     @staticmethod
     def _due_slots(st: Dict[str, Tensor], keys: Tuple[str, ...],
@@ -250,6 +275,7 @@ _FSGD_READINGS = """
 
 
 @OPTIMIZERS.register_module()
+@variant('sgdm', lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=False)
 class FSGD(FeatureDescent):
     __doc__ = r"""FSGD: stochastic feature gradient descent on an SGDM base.
 
@@ -268,74 +294,25 @@ class FSGD(FeatureDescent):
     second moment is the identity, FSGD is exactly ``torch.optim.SGD``.
 
     Args:
-        params (Iterable): Parameters or parameter groups.
-        lr (float): Learning rate. Defaults to 0.01 (mmdet's RetinaNet
-            Swin-T SGD setting used in thesis Table 5.1).
-        momentum (float): Momentum. Defaults to 0.9.
-        weight_decay (float): Coupled L2 weight decay, added after
-            preconditioning. Defaults to 1e-4.
-        nesterov (bool): Nesterov momentum. Defaults to False.
-        model (nn.Module): The model whose layers are hooked (passed by
-            :class:`~mmprecond.engine.PrecondOptimWrapperConstructor`).
-        stat_interval (int): ``T_s``. Defaults to 50.
-        inv_interval (int): ``T_u``. Defaults to 500.
-        damping (float): ``eta`` of the adaptive damping. Defaults to 0.01.
-        damping_floor (float): Lower bound of the relative damping. 1e-4.
-        stat_decay (float): ``alpha``. Defaults to 0.95.
-        grad_norm_recovery (bool): Rescale each direction to the raw
-            gradient's norm. Defaults to True.
-        max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
-        precondition_convs (bool): Also precondition ``Conv2d`` layers
-            (im2col inputs). Defaults to False.
-        skip_nonfinite_steps (bool): Skip a non-finite step exactly (one
-            host read per step) instead of zeroing non-finite gradient
-            entries on the device; see :class:`~mmprecond.optim.NKFAC`.
-        factor_memory_budget_mb (float, optional): Bound, in MiB, on the
-            estimated factor memory; see :class:`~mmprecond.optim.NKFAC`.
-            Defaults to None.
-        checkpoint_inverses (bool): Save the inverses in checkpoints; see
-            :class:`~mmprecond.optim.NKFAC`. Defaults to True.
+        See :class:`FeatureDescent` (``base='sgdm'``).  Defaults: ``lr``
+        0.01 (mmdet's RetinaNet Swin-T SGD setting of thesis Table 5.1),
+        ``momentum`` 0.9, ``weight_decay`` 1e-4, ``nesterov`` False, and the
+        thesis' ``T_s`` 50, ``T_u`` 500, ``eta`` 0.01, ``alpha`` 0.95.
 
     Example:
         >>> import torch, torch.nn as nn
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2))
         >>> opt = FSGD(model.parameters(), model=model, lr=0.05,
-        ...            stat_interval=1, inv_interval=10)
+        ...            stat_interval=1, refresh_interval=10)
         >>> model(torch.randn(32, 8)).pow(2).mean().backward()
         >>> opt.step(); opt.zero_grad()
         >>> sorted(opt.layer_state['0'])
         ['R', 'R_inv']
     """
 
-    def __init__(self,
-                 params: Iterable,
-                 lr: float = 0.01,
-                 momentum: float = 0.9,
-                 weight_decay: float = 1e-4,
-                 nesterov: bool = False,
-                 *,
-                 model: Optional[nn.Module] = None,
-                 stat_interval: int = 50,
-                 inv_interval: int = 500,
-                 damping: float = 0.01,
-                 damping_floor: float = 1e-4,
-                 stat_decay: float = 0.95,
-                 grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 precondition_convs: bool = False,
-                 skip_nonfinite_steps: bool = False,
-                 factor_memory_budget_mb: Optional[float] = None,
-                 checkpoint_inverses: bool = True) -> None:
-        self.set_reliability_options(skip_nonfinite_steps,
-                                     factor_memory_budget_mb,
-                                     checkpoint_inverses)
-        defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
-        super().__init__(params, defaults, model, 'sgdm', stat_interval,
-                         inv_interval, damping, damping_floor, stat_decay,
-                         grad_norm_recovery, max_factor_dim, precondition_convs)
-
 
 @OPTIMIZERS.register_module()
+@variant('adamw', lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
 class FAdam(FeatureDescent):
     __doc__ = r"""FAdam: the FSGD direction fed to AdamW (Yong 2022; thesis Table 5.2).
 
@@ -352,10 +329,8 @@ class FAdam(FeatureDescent):
         betas (tuple[float, float]): Adam betas. Defaults to (0.9, 0.999).
         eps (float): Adam epsilon, outside the square root. 1e-8.
         weight_decay (float): Decoupled weight decay. Defaults to 0.05.
-        model, stat_interval, inv_interval, damping, damping_floor,
-        stat_decay, grad_norm_recovery, max_factor_dim, precondition_convs,
-        skip_nonfinite_steps, factor_memory_budget_mb,
-        checkpoint_inverses: As in :class:`FSGD`.
+        Everything else: as in :class:`FeatureDescent` (``base='adamw'``),
+        with FSGD's defaults.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -367,31 +342,3 @@ class FAdam(FeatureDescent):
         >>> list(opt.layers)  # the conv keeps plain AdamW
         ['2']
     """
-
-    def __init__(self,
-                 params: Iterable,
-                 lr: float = 1e-4,
-                 betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8,
-                 weight_decay: float = 0.05,
-                 *,
-                 model: Optional[nn.Module] = None,
-                 stat_interval: int = 50,
-                 inv_interval: int = 500,
-                 damping: float = 0.01,
-                 damping_floor: float = 1e-4,
-                 stat_decay: float = 0.95,
-                 grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 precondition_convs: bool = False,
-                 skip_nonfinite_steps: bool = False,
-                 factor_memory_budget_mb: Optional[float] = None,
-                 checkpoint_inverses: bool = True) -> None:
-        self.set_reliability_options(skip_nonfinite_steps,
-                                     factor_memory_budget_mb,
-                                     checkpoint_inverses)
-        defaults = adamw_defaults(lr, betas, eps, weight_decay)
-        super().__init__(params, defaults, model, 'adamw', stat_interval,
-                         inv_interval, damping, damping_floor, stat_decay,
-                         grad_norm_recovery, max_factor_dim, precondition_convs)
-

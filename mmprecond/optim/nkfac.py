@@ -1,5 +1,5 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
-"""NKFAC, AdaNKFAC and a plain KFAC baseline.
+"""The Kronecker-inverse family: NKFAC, AdaNKFAC and a plain KFAC baseline.
 
 Reference: Y. Sun, H. Yong, L. Zhang, *NKFAC: A Fast and Stable KFAC
 Optimizer for Deep Neural Networks*, ECML-PKDD 2023; Y. Sun, *Designing
@@ -20,11 +20,11 @@ from ..linalg import INVERSE_FAILED, batch_limit, record_flags, refresh_inverse
 from .base import PrecondOptimizer, check_positive, check_unit_interval
 from .checks import (
     check_damping,
+    check_integer,
     check_interval,
-    reject_keywords,
     warn_unaligned_interval,
 )
-from .defaults import adamw_defaults, sgdm_defaults
+from .defaults import base_defaults, variant
 from .diagnostics import newton_diagnostics
 
 #: Default ``max_factor_dim``, chosen from ``benchmarks/factor_budget.py`` on
@@ -55,8 +55,105 @@ NEWTON_RESIDUAL_TOL = 1e-3
 RESIDUAL_PROBES = 4
 
 
-class _KroneckerInverse(PrecondOptimizer):
-    """Kronecker-factored preconditioner with periodic (Newton) inverses.
+class KroneckerFactors(PrecondOptimizer):
+    """The Kronecker part shared by the inverse and the root families.
+
+    Per preconditioned layer two running factors, ``L`` (output side, from
+    ``sum delta delta^T``) and ``R`` (input side, ``E[x x^T]``), folded every
+    ``stat_interval`` steps with ``stat_decay``; a side wider than
+    ``max_factor_dim`` is not formed.  Every ``refresh_interval`` steps (and
+    at once for a factor without a derived matrix yet) a subclass replaces
+    each factor's derived matrix, stored under ``side + derived_suffix``
+    (``'L_inv'`` for inverses, ``'L_root'`` for inverse roots), and the
+    direction is ``D_L G D_R`` (bias as the last column of ``G``).
+
+    Args:
+        params, defaults, model, base, max_factor_dim: As in
+            :class:`~mmprecond.optim.PrecondOptimizer`.
+        stat_interval (int): Statistics every this many steps.
+        refresh_interval (int): Derived matrices every this many steps.
+        stat_decay (float): EMA weight of the old factor.
+        grad_norm_recovery (bool): Rescale each direction to the raw
+            gradient's norm.
+        **shared: The options of every family (``reduce_statistics``,
+            ``skip_nonfinite_steps``, ``factor_memory_budget_mb``,
+            ``checkpoint_inverses``), see
+            :class:`~mmprecond.optim.PrecondOptimizer`.
+    """
+
+    statistic_keys = ('L', 'R')
+    checks_statistics_on_device = True
+    #: Key suffix of a factor's derived matrix in ``layer_state``.
+    derived_suffix = '_inv'
+
+    def __init__(self, params: Iterable, defaults: dict, model: Optional[nn.Module],
+                 base: str, *, stat_interval: int, refresh_interval: int,
+                 stat_decay: float, grad_norm_recovery: bool,
+                 max_factor_dim: int, **shared: Any) -> None:
+        check_interval('refresh_interval', refresh_interval)
+        check_unit_interval('stat_decay', stat_decay)
+        super().__init__(params, defaults, model, base, stat_interval,
+                         max_factor_dim, **shared)
+        self.refresh_interval = int(refresh_interval)
+        self.stat_decay = float(stat_decay)
+        self.grad_norm_recovery = bool(grad_norm_recovery)
+        warn_unaligned_interval(type(self).__name__, 'refresh_interval',
+                                self.refresh_interval, self.stat_interval)
+
+    # --------------------------------------------------------------- factors
+    #: Whether each batch statistic is divided by its Frobenius norm before
+    #: the EMA (the NKFAC code); AdaBK and Shampoo fold the raw statistic.
+    frobenius_statistics = True
+
+    def _sides(self, module: nn.Module) -> Tuple[Tuple[str, int], ...]:
+        d_out, d_in = factor_dims(module)
+        return tuple((s, d) for s, d in (('L', d_out), ('R', d_in))
+                     if self.side_enabled(d))
+
+    def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
+        items = []
+        for name, module in self.layers.items():
+            st = self.layer_state.setdefault(name, {})
+            batch = stats[name]
+            for side, _ in self._sides(module):
+                new = batch.gg if side == 'L' else batch.xx
+                if new is not None:
+                    items.append((st, side, f'{name}.{side}', new))
+                    self._factor_moved(name, side)
+        self.fold_statistics(items, 1 - self.stat_decay,
+                             normalize=self.frobenius_statistics)
+
+    def _factor_moved(self, name: str, side: str) -> None:
+        """Note that factor ``(name, side)`` takes new statistics (no-op)."""
+
+    def refresh_due(self, step: int) -> bool:
+        """Whether :meth:`update_preconditioners` refreshes anything at ``step``.
+
+        Periodic refreshes, and factors without a derived matrix yet (formed
+        after step 0), which are refreshed at once.
+        """
+        if step % self.refresh_interval == 0:
+            return True
+        return any(side in st and side + self.derived_suffix not in st
+                   for st in self.layer_state.values() for side in ('L', 'R'))
+
+    def precondition(self, name: str, module: nn.Module,
+                     grad: Tensor) -> Optional[Tensor]:
+        """``D_L G D_R`` (norm recovery is applied by the base class)."""
+        st = self.layer_state.get(name)
+        left, right = 'L' + self.derived_suffix, 'R' + self.derived_suffix
+        if not st or (left not in st and right not in st):
+            return None
+        pg = grad.float()
+        if left in st:
+            pg = st[left] @ pg
+        if right in st:
+            pg = pg @ st[right]
+        return pg
+
+
+class KroneckerInverse(KroneckerFactors):
+    """The NKFAC family: Kronecker factors with periodic (Newton) inverses.
 
     Statistics follow the authors' public NKFAC code: every
     ``stat_interval`` steps the iteration's ``E[x x^T]`` (right factor ``R``)
@@ -67,7 +164,7 @@ class _KroneckerInverse(PrecondOptimizer):
     (our reading: the thesis does not say; the authors' code folds once
     per call).
 
-    Every ``inv_interval`` steps each factor is damped,
+    Every ``refresh_interval`` steps each factor is damped,
     ``A = S + max(1e-4, damping * lambda_max(S)) I``, and inverted: exactly
     at steps ``0, T, 2T`` and every ``exact_inv_period * T`` (the code's
     schedule, not the literal ``t < 2 T_inv`` of Algorithm 3), otherwise by
@@ -90,38 +187,123 @@ class _KroneckerInverse(PrecondOptimizer):
     ``O(distinct sizes)`` kernels however many layers there are; failures
     are still retried and counted per factor.  Under torch.distributed the
     batches are split over the ranks by ``n^3`` cost and the results
-    broadcast (``shard_inverses``).
+    broadcast (``shard_refresh``).
+
+    The registered names are its variants (:func:`~.defaults.variant`):
+    :class:`NKFAC` (SGDM base), :class:`AdaNKFAC` (AdamW base) and
+    :class:`KFAC` (NKFAC with exact inverses only).
+
+    Args:
+        params (Iterable): Parameters or parameter groups.
+        base (str): The base update, ``'sgdm'`` (``torch.optim.SGD``) or
+            ``'adamw'`` (``torch.optim.AdamW``); fixed by each variant.
+        model (nn.Module): Model whose layers are hooked (passed by
+            :class:`~mmprecond.engine.PrecondOptimWrapperConstructor`).
+        lr (float): Learning rate.
+        momentum (float): SGDM momentum ``mu`` (SGDM base only).
+        nesterov (bool): Nesterov momentum (SGDM base only).
+        betas (tuple[float, float]): Adam's ``(beta_1, beta_2)`` (AdamW base
+            only).
+        eps (float): Adam's epsilon, outside the square root (AdamW only).
+        weight_decay (float): Coupled L2 decay added after preconditioning
+            (SGDM) or decoupled decay (AdamW).
+        stat_interval (int): ``T_stat`` of the thesis. Defaults to 100.
+        refresh_interval (int): ``T_inv`` of the thesis: inverses every
+            this many steps. Defaults to 1000.
+        exact_inv_period (int): ``C``: an exact inverse every
+            ``C * T_inv`` steps. Defaults to 500.
+        newton_steps (int): ``K``: Newton-Schulz steps per refresh.
+            Defaults to 1.
+        damping (float): ``eta``: Tikhonov term relative to ``lambda_max``.
+            Defaults to 0.01.
+        damping_floor (float): Lower bound of the added damping (the
+            code's ``1e-4``). Defaults to 1e-4.
+        stat_decay (float): ``alpha``: EMA weight of the old factor.
+            Defaults to 0.95.
+        grad_norm_recovery (bool): Rescale to the raw gradient's norm.
+            Defaults to True.
+        max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
+        shard_refresh (bool): Under torch.distributed, split each batch
+            of equal-sized factors over the ranks (balanced by ``d^3``) and
+            broadcast the results, so the inverse phase's wall time falls
+            with the number of ranks; ``False`` makes every rank compute
+            everything. Defaults to True.
+        reduce_statistics (str): ``'every_step'`` (default; DDP equals one
+            process) or ``'before_refresh'`` (average the running factors
+            over ranks before each refresh, as the authors' code: about
+            ``T_inv / T_stat`` times less traffic, close to but not equal to
+            one process).  See :class:`~mmprecond.optim.base.PrecondOptimizer`.
+        skip_nonfinite_steps (bool): See
+            :class:`~mmprecond.optim.base.PrecondOptimizer`.
+        factor_memory_budget_mb (float, optional): Bound, in MiB, on the
+            estimated fp32 factor memory (statistic + inverse per formed
+            factor). Defaults to None.
+        checkpoint_inverses (bool | str): Which inverses :meth:`state_dict`
+            saves.  ``'auto'`` (default): only those that loading cannot
+            rebuild bit for bit; an inverse computed exactly (the first
+            ``2 T_inv`` steps, every ``C T_inv``) whose factor has not been
+            folded since is left out and recomputed, by the same batched
+            refresh, when the checkpoint is loaded, so a resumed run equals
+            the uninterrupted one; Newton inverses are kept.  ``True``:
+            all.  ``False``: none (the smallest checkpoint; the first step
+            after loading recomputes each inverse exactly, see
+            :meth:`~mmprecond.optim.PrecondOptimizer.is_derived_key` for
+            when that is bit-identical).  Factors, and exact inverses, are
+            stored packed (upper triangle) either way.  See
+            ``docs/checkpoints.md``.
     """
 
-    statistic_keys = ('L', 'R')
-    checks_statistics_on_device = True
+    rebuilds_inverses_exactly = True
+    #: Exact inverses at every refresh (KFAC).
+    _exact_only = False
 
-    def __init__(self, params: Iterable, defaults: dict, model: Optional[nn.Module],
-                 base: str, stat_interval: int, inv_interval: int,
-                 exact_inv_period: int, newton_steps: int, damping: float,
-                 damping_floor: float, stat_decay: float, grad_norm_recovery: bool,
-                 max_factor_dim: int, exact_only: bool,
-                 shard_inverses: bool,
-                 reduce_statistics: str = 'every_step') -> None:
-        check_interval('inv_interval', inv_interval)
+    def __init__(self,
+                 params: Iterable,
+                 *,
+                 base: str = 'sgdm',
+                 model: Optional[nn.Module] = None,
+                 lr: float = 0.02,
+                 momentum: Optional[float] = None,
+                 nesterov: Optional[bool] = None,
+                 betas: Optional[Tuple[float, float]] = None,
+                 eps: Optional[float] = None,
+                 weight_decay: Optional[float] = None,
+                 stat_interval: int = 100,
+                 refresh_interval: int = 1000,
+                 exact_inv_period: int = 500,
+                 newton_steps: int = 1,
+                 damping: float = 0.01,
+                 damping_floor: float = 1e-4,
+                 stat_decay: float = 0.95,
+                 grad_norm_recovery: bool = True,
+                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
+                 shard_refresh: bool = True,
+                 reduce_statistics: str = 'every_step',
+                 skip_nonfinite_steps: bool = False,
+                 factor_memory_budget_mb: Optional[float] = None,
+                 checkpoint_inverses: Union[bool, str] = 'auto') -> None:
         check_interval('exact_inv_period', exact_inv_period)
-        check_interval('newton_steps', newton_steps)
+        check_integer('newton_steps', newton_steps, minimum=1)
         check_damping(damping)
         check_positive('damping_floor', damping_floor)
-        check_unit_interval('stat_decay', stat_decay)
-        super().__init__(params, defaults, model, base, stat_interval,
-                         max_factor_dim, reduce_statistics=reduce_statistics)
-        self.inv_interval = int(inv_interval)
+        defaults = base_defaults(base, lr, momentum=momentum, nesterov=nesterov,
+                                 betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, model, base,
+                         stat_interval=stat_interval,
+                         refresh_interval=refresh_interval,
+                         stat_decay=stat_decay,
+                         grad_norm_recovery=grad_norm_recovery,
+                         max_factor_dim=max_factor_dim,
+                         reduce_statistics=reduce_statistics,
+                         skip_nonfinite_steps=skip_nonfinite_steps,
+                         factor_memory_budget_mb=factor_memory_budget_mb,
+                         checkpoint_inverses=checkpoint_inverses)
         self.exact_inv_period = int(exact_inv_period)
         self.newton_steps = int(newton_steps)
         self.damping = float(damping)
         self.damping_floor = float(damping_floor)
-        self.stat_decay = float(stat_decay)
-        self.grad_norm_recovery = bool(grad_norm_recovery)
-        self.exact_only = bool(exact_only)
-        self.shard_inverses = bool(shard_inverses)
-        warn_unaligned_interval(type(self).__name__, 'inv_interval',
-                                self.inv_interval, self.stat_interval)
+        self.exact_only = self._exact_only
+        self.shard_refresh = bool(shard_refresh)
         # Host-side bookkeeping of the inverses that are still the exact
         # damped inverse of their current factor (see checkpoint_omissions):
         # slot (layer, side) -> id of the refresh batch that computed it, and
@@ -130,44 +312,13 @@ class _KroneckerInverse(PrecondOptimizer):
         self._exact_groups: Dict[int, Tuple[int, List[Tuple[str, str]]]] = {}
         self._next_group = 0
 
-    # --------------------------------------------------------------- factors
-    #: Whether each batch statistic is divided by its Frobenius norm before
-    #: the EMA (the NKFAC code); AdaBK and Shampoo fold the raw statistic.
-    frobenius_statistics = True
-
-    def _sides(self, module: nn.Module) -> Tuple[Tuple[str, int], ...]:
-        d_out, d_in = factor_dims(module)
-        return tuple((s, d) for s, d in (('L', d_out), ('R', d_in))
-                     if self.side_enabled(d))
-
-    def update_statistics(self, stats: Dict[str, BatchStatistics], step: int) -> None:
-        items = []
-        for name, module in self.layers.items():
-            st = self.layer_state.setdefault(name, {})
-            batch = stats[name]
-            for side, _ in self._sides(module):
-                new = batch.gg if side == 'L' else batch.xx
-                if new is not None:
-                    items.append((st, side, f'{name}.{side}', new))
-                    # the factor moves: its inverse is no longer rebuildable
-                    self._exact_slots.pop((name, side), None)
-        self.fold_statistics(items, 1 - self.stat_decay,
-                             normalize=self.frobenius_statistics)
-
-    def refresh_due(self, step: int) -> bool:
-        """Whether :meth:`update_preconditioners` inverts anything at ``step``.
-
-        Periodic refreshes, and factors without an inverse yet (formed after
-        step 0), which are inverted at once.
-        """
-        if step % self.inv_interval == 0:
-            return True
-        return any(side in st and side + '_inv' not in st
-                   for st in self.layer_state.values() for side in ('L', 'R'))
+    def _factor_moved(self, name: str, side: str) -> None:
+        """The factor moves: its inverse is no longer rebuildable."""
+        self._exact_slots.pop((name, side), None)
 
     def _use_exact(self, step: int) -> bool:
-        period = self.exact_inv_period * self.inv_interval
-        return (self.exact_only or step <= 2 * self.inv_interval
+        period = self.exact_inv_period * self.refresh_interval
+        return (self.exact_only or step <= 2 * self.refresh_interval
                 or step % period == 0)
 
     @staticmethod
@@ -195,17 +346,6 @@ class _KroneckerInverse(PrecondOptimizer):
                                newton_steps=self.newton_steps, probes=probes,
                                tol=NEWTON_RESIDUAL_TOL)
 
-    def _refresh(self, stat: Tensor, prev: Optional[Tensor], exact: bool) -> Tensor:
-        """One factor's new inverse (the batched path with a batch of one)."""
-        warm = None if exact or prev is None else prev[None]
-        probes = self._probes(0, stat.shape[-1], 1, stat.dtype, stat.device)
-        inv, flags = self._refresh_batch(stat[None], warm, probes)
-        codes = record_flags(self.fallbacks, flags)
-        if codes[0] & INVERSE_FAILED:
-            raise FloatingPointError('could not invert a damped factor; it '
-                                     'contains non-finite values')
-        return inv[0]
-
     def update_preconditioners(self, step: int) -> None:
         """Refresh the due inverses, batched by size, sharded over ranks.
 
@@ -213,7 +353,7 @@ class _KroneckerInverse(PrecondOptimizer):
         stacked and refreshed by one call of each batched kernel; a factor
         whose inverse failed entirely keeps its previous one.
         """
-        periodic = step % self.inv_interval == 0
+        periodic = step % self.refresh_interval == 0
         exact = self._use_exact(step)
         labels, stats, prevs = [], [], []
         for name, module in self.layers.items():
@@ -250,7 +390,7 @@ class _KroneckerInverse(PrecondOptimizer):
 
         results = run_batched(keys, self._refresh_task(step, stats, prevs),
                               lambda key: float(key[0])**3, outputs,
-                              shard=self.shard_inverses,
+                              shard=self.shard_refresh,
                               max_items=lambda key: batch_limit(*key[:3]))
         clean: Dict[tuple, bool] = {}
         for chunk, (inv, flags) in results:
@@ -349,20 +489,6 @@ class _KroneckerInverse(PrecondOptimizer):
 
         return work
 
-    # --------------------------------------------------------- preconditioner
-    def precondition(self, name: str, module: nn.Module,
-                     grad: Tensor) -> Optional[Tensor]:
-        """``L^-1 G R^-1`` (norm recovery is applied by the base class)."""
-        st = self.layer_state.get(name)
-        if not st or ('L_inv' not in st and 'R_inv' not in st):
-            return None
-        pg = grad.float()
-        if 'L_inv' in st:
-            pg = st['L_inv'] @ pg
-        if 'R_inv' in st:
-            pg = pg @ st['R_inv']
-        return pg
-
     def diagnostics(self) -> Dict[str, Any]:
         """``lambda_max``, ``damping``, ``newton_residual`` (see
         :mod:`mmprecond.optim.diagnostics`)."""
@@ -371,7 +497,8 @@ class _KroneckerInverse(PrecondOptimizer):
 
 
 @OPTIMIZERS.register_module()
-class NKFAC(_KroneckerInverse):
+@variant('sgdm', lr=0.02, momentum=0.9, weight_decay=0.0, nesterov=False)
+class NKFAC(KroneckerInverse):
     r"""NKFAC: KFAC with warm-started Newton inverses, on an SGDM base.
 
     Algorithm (thesis Alg. 3-4 with the authors' code's details)::
@@ -390,110 +517,27 @@ class NKFAC(_KroneckerInverse):
     Parameters outside preconditioned ``Linear`` / ``Conv2d`` layers (norms,
     embeddings, grouped convs, ...) get the same SGDM step on their raw
     gradient.  With every layer excluded, NKFAC is exactly
-    ``torch.optim.SGD``.  See :class:`_KroneckerInverse` for the readings
+    ``torch.optim.SGD``.  See :class:`KroneckerInverse` for the readings
     chosen where thesis and code differ.
 
     Args:
-        params (Iterable): Parameters or parameter groups.
-        lr (float): Learning rate. Defaults to 0.02 (mmdet SGD default).
-        momentum (float): Momentum. Defaults to 0.9.
-        weight_decay (float): Coupled L2 weight decay, added after
-            preconditioning. Defaults to 0.
-        nesterov (bool): Nesterov momentum. Defaults to False.
-        model (nn.Module): Model whose layers are hooked (passed by
-            :class:`~mmprecond.engine.PrecondOptimWrapperConstructor`).
-        stat_interval (int): ``T_stat``. Defaults to 100.
-        inv_interval (int): ``T_inv``. Defaults to 1000.
-        exact_inv_period (int): ``C``: exact inverse every ``C * T_inv``.
-            Defaults to 500.
-        newton_steps (int): ``K``. Defaults to 1.
-        damping (float): ``eta``. Defaults to 0.01.
-        damping_floor (float): Lower bound of the added damping. 1e-4.
-        stat_decay (float): ``alpha``. Defaults to 0.95.
-        grad_norm_recovery (bool): Rescale to the raw gradient's norm.
-        max_factor_dim (int): See :data:`DEFAULT_MAX_FACTOR_DIM`.
-        shard_inverses (bool): Under torch.distributed, split each batch
-            of equal-sized factors over the ranks (balanced by ``d^3``) and
-            broadcast the results, so the inverse phase's wall time falls
-            with the number of ranks; ``False`` makes every rank compute
-            everything. Defaults to True.
-        reduce_statistics (str): ``'every_step'`` (default; DDP equals one
-            process) or ``'before_refresh'`` (average the running factors
-            over ranks before each refresh, as the authors' code: about
-            ``T_inv / T_stat`` times less traffic, close to but not equal to
-            one process).  See :class:`~mmprecond.optim.base.PrecondOptimizer`.
-        skip_nonfinite_steps (bool): Without an AMP loss scaler, skip a
-            step whose gradients are not all finite exactly (weights and
-            state untouched), at the cost of one host read per step.
-            ``False`` (default): non-finite gradient entries are zeroed
-            on the device and counted, with no host read.  With a loss
-            scaler the scaler skips such steps either way.
-        factor_memory_budget_mb (float, optional): Bound, in MiB, on the
-            estimated fp32 factor memory (statistic + inverse per formed
-            factor); the layers with the largest factors are left
-            first-order until the rest fit, and are listed in the log.
-            Defaults to None (no bound).
-        checkpoint_inverses (bool | str): Which inverses :meth:`state_dict`
-            saves.  ``'auto'`` (default): only those that loading cannot
-            rebuild bit for bit; an inverse computed exactly (the first
-            ``2 T_inv`` steps, every ``C T_inv``) whose factor has not been
-            folded since is left out and recomputed, by the same batched
-            refresh, when the checkpoint is loaded, so a resumed run equals
-            the uninterrupted one; Newton inverses are kept.  ``True``:
-            all.  ``False``: none (the smallest checkpoint; the first step
-            after loading recomputes each inverse exactly, see
-            :meth:`~mmprecond.optim.PrecondOptimizer.is_derived_key` for
-            when that is bit-identical).  Factors, and exact inverses, are
-            stored packed (upper triangle) either way.  See
-            ``docs/checkpoints.md``.
+        See :class:`KroneckerInverse` (``base='sgdm'``).  Defaults: ``lr``
+        0.02 (mmdet's SGD), ``momentum`` 0.9, ``weight_decay`` 0,
+        ``nesterov`` False, and the thesis' ``T_stat`` 100, ``T_inv`` 1000,
+        ``C`` 500, ``K`` 1, ``eta`` 0.01, ``alpha`` 0.95.
 
     Example:
         >>> import torch, torch.nn as nn
         >>> model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> opt = NKFAC(model.parameters(), model=model, lr=0.1,
-        ...             stat_interval=1, inv_interval=5)
+        ...             stat_interval=1, refresh_interval=5)
         >>> model(torch.randn(16, 8)).pow(2).mean().backward()
         >>> opt.step(); opt.zero_grad()
     """
 
-    def __init__(self,
-                 params: Iterable,
-                 lr: float = 0.02,
-                 momentum: float = 0.9,
-                 weight_decay: float = 0.0,
-                 nesterov: bool = False,
-                 *,
-                 model: Optional[nn.Module] = None,
-                 stat_interval: int = 100,
-                 inv_interval: int = 1000,
-                 exact_inv_period: int = 500,
-                 newton_steps: int = 1,
-                 damping: float = 0.01,
-                 damping_floor: float = 1e-4,
-                 stat_decay: float = 0.95,
-                 grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 shard_inverses: bool = True,
-                 reduce_statistics: str = 'every_step',
-                 skip_nonfinite_steps: bool = False,
-                 factor_memory_budget_mb: Optional[float] = None,
-                 checkpoint_inverses: Union[bool, str] = 'auto') -> None:
-        self.set_reliability_options(skip_nonfinite_steps,
-                                     factor_memory_budget_mb,
-                                     checkpoint_inverses)
-        defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
-        super().__init__(params, defaults, model, 'sgdm', stat_interval,
-                         inv_interval, exact_inv_period, newton_steps, damping,
-                         damping_floor, stat_decay, grad_norm_recovery,
-                         max_factor_dim, exact_only=self._exact_only,
-                         shard_inverses=shard_inverses,
-                         reduce_statistics=reduce_statistics)
-
-    _exact_only = False
-    rebuilds_inverses_exactly = True
-
 
 @OPTIMIZERS.register_module()
+@variant('sgdm')
 class KFAC(NKFAC):
     """Plain KFAC baseline: :class:`NKFAC` with an exact inverse every ``T_inv``.
 
@@ -517,13 +561,10 @@ class KFAC(NKFAC):
         for kw in ('newton_steps', 'exact_inv_period')
     }
 
-    def __init__(self, params: Iterable, *args, **kwargs) -> None:
-        reject_keywords(type(self), kwargs)
-        super().__init__(params, *args, **kwargs)
-
 
 @OPTIMIZERS.register_module()
-class AdaNKFAC(_KroneckerInverse):
+@variant('adamw', lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.2)
+class AdaNKFAC(KroneckerInverse):
     r"""AdaNKFAC: the NKFAC preconditioner on an AdamW base (thesis Alg. 5).
 
     Algorithm::
@@ -546,11 +587,8 @@ class AdaNKFAC(_KroneckerInverse):
         eps (float): Adam epsilon, outside the square root. 1e-8.
         weight_decay (float): Decoupled weight decay. Defaults to 0.2 (the
             thesis' COCO value).
-        model, stat_interval, inv_interval, exact_inv_period, newton_steps,
-        damping, damping_floor, stat_decay, grad_norm_recovery,
-        max_factor_dim, shard_inverses, reduce_statistics,
-        skip_nonfinite_steps, factor_memory_budget_mb,
-        checkpoint_inverses: As in :class:`NKFAC`.
+        Everything else: as in :class:`KroneckerInverse` (``base='adamw'``),
+        with NKFAC's defaults.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -559,38 +597,3 @@ class AdaNKFAC(_KroneckerInverse):
         >>> model(torch.randn(2, 3, 8, 8)).mean().backward()
         >>> opt.step()
     """
-
-    rebuilds_inverses_exactly = True
-
-    def __init__(self,
-                 params: Iterable,
-                 lr: float = 1e-4,
-                 betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8,
-                 weight_decay: float = 0.2,
-                 *,
-                 model: Optional[nn.Module] = None,
-                 stat_interval: int = 100,
-                 inv_interval: int = 1000,
-                 exact_inv_period: int = 500,
-                 newton_steps: int = 1,
-                 damping: float = 0.01,
-                 damping_floor: float = 1e-4,
-                 stat_decay: float = 0.95,
-                 grad_norm_recovery: bool = True,
-                 max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-                 shard_inverses: bool = True,
-                 reduce_statistics: str = 'every_step',
-                 skip_nonfinite_steps: bool = False,
-                 factor_memory_budget_mb: Optional[float] = None,
-                 checkpoint_inverses: Union[bool, str] = 'auto') -> None:
-        self.set_reliability_options(skip_nonfinite_steps,
-                                     factor_memory_budget_mb,
-                                     checkpoint_inverses)
-        defaults = adamw_defaults(lr, betas, eps, weight_decay)
-        super().__init__(params, defaults, model, 'adamw', stat_interval,
-                         inv_interval, exact_inv_period, newton_steps, damping,
-                         damping_floor, stat_decay, grad_norm_recovery,
-                         max_factor_dim, exact_only=False,
-                         shard_inverses=shard_inverses,
-                         reduce_statistics=reduce_statistics)

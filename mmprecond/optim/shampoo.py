@@ -14,13 +14,12 @@ from mmengine.registry import OPTIMIZERS
 
 from ..curvature.capture import factor_dims, gradient_matrix
 from ..curvature.factors import BatchStatistics, ema_update
-from .adabk import _KroneckerRoot
-from .defaults import sgdm_defaults
+from .adabk import KroneckerRoot
 from .nkfac import DEFAULT_MAX_FACTOR_DIM
 
 
 @OPTIMIZERS.register_module()
-class Shampoo(_KroneckerRoot):
+class Shampoo(KroneckerRoot):
     r"""Shampoo: ``L^{-1/4} G R^{-1/4}`` from gradient statistics, on SGDM.
 
     Algorithm (order 2: each Linear / Conv2d gradient as the
@@ -41,8 +40,8 @@ class Shampoo(_KroneckerRoot):
     shrink over time; no hooks are needed.  Damping is
     ``eps = damping * lambda_max`` by default (bounded condition number, so
     the fixed Newton–Schulz budget converges; see
-    :mod:`mmprecond.inverse_root`); ``relative_damping=False`` gives the
-    paper's absolute ``eps I``.  With ``grafting='sgd'`` each layer's step
+    :mod:`mmprecond.inverse_root`); ``abs_damping`` gives the paper's
+    absolute ``eps I``.  With ``grafting='sgd'`` each layer's step
     has the norm of its SGD step (layer-wise grafting), which keeps SGD's
     learning rate; ``'none'`` is the raw Shampoo direction.  Other
     parameters (norms, embeddings, ...) get the SGDM step on their raw
@@ -57,17 +56,19 @@ class Shampoo(_KroneckerRoot):
         model (nn.Module): Model whose Linear / Conv2d layers are
             preconditioned.
         stat_interval (int): ``T_s``. Defaults to 1.
-        inv_interval (int): ``T_ir``. Defaults to 100.
-        damping (float): ``eps``. Defaults to 1e-4.
-        relative_damping (bool): ``eps`` relative to ``lambda_max``.
-            Defaults to True.
+        refresh_interval (int): ``T_ir``: roots every this many steps.
+            Defaults to 100.
+        damping (float): ``eps``, relative to ``lambda_max``. Defaults to
+            1e-4.
+        abs_damping (float, optional): The paper's absolute ``eps`` instead
+            of ``damping`` (which it replaces). Defaults to None.
         ns_iters (int): Newton–Schulz iterations per square root (two
             nested runs per factor). Defaults to 25.
         stat_decay (float): ``b``. Defaults to 0.99.
         grafting (str): ``'sgd'`` or ``'none'``. Defaults to ``'sgd'``.
         max_factor_dim (int): Larger factors are not formed (identity).
         skip_nonfinite_steps, factor_memory_budget_mb,
-        checkpoint_inverses: As in :class:`~mmprecond.optim.NKFAC`.
+        checkpoint_inverses: See :class:`~mmprecond.optim.PrecondOptimizer`.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -82,16 +83,16 @@ class Shampoo(_KroneckerRoot):
 
     def __init__(self,
                  params: Iterable,
+                 *,
+                 model: Optional[nn.Module] = None,
                  lr: float = 0.02,
                  momentum: float = 0.9,
                  weight_decay: float = 0.0,
                  nesterov: bool = False,
-                 *,
-                 model: Optional[nn.Module] = None,
                  stat_interval: int = 1,
-                 inv_interval: int = 100,
+                 refresh_interval: int = 100,
                  damping: float = 1e-4,
-                 relative_damping: bool = True,
+                 abs_damping: Optional[float] = None,
                  ns_iters: int = 25,
                  stat_decay: float = 0.99,
                  grafting: str = 'sgd',
@@ -101,12 +102,17 @@ class Shampoo(_KroneckerRoot):
                  checkpoint_inverses: bool = True) -> None:
         if grafting not in ('sgd', 'none'):
             raise ValueError(f"Invalid grafting: {grafting!r} ('sgd' or 'none')")
-        defaults = sgdm_defaults(lr, momentum, weight_decay, nesterov)
-        super().__init__(params, defaults, model, 'sgdm', stat_interval,
-                         inv_interval, damping, relative_damping, ns_iters,
-                         stat_decay, grafting == 'sgd', max_factor_dim,
-                         skip_nonfinite_steps, factor_memory_budget_mb,
-                         checkpoint_inverses)
+        super().__init__(params, base='sgdm', model=model, lr=lr,
+                         momentum=momentum, weight_decay=weight_decay,
+                         nesterov=nesterov, stat_interval=stat_interval,
+                         refresh_interval=refresh_interval, damping=damping,
+                         abs_damping=abs_damping, ns_iters=ns_iters,
+                         stat_decay=stat_decay,
+                         grad_norm_recovery=grafting == 'sgd',
+                         max_factor_dim=max_factor_dim,
+                         skip_nonfinite_steps=skip_nonfinite_steps,
+                         factor_memory_budget_mb=factor_memory_budget_mb,
+                         checkpoint_inverses=checkpoint_inverses)
         self._skipped: Optional[torch.Tensor] = None
 
     def capture_sides(self, module: nn.Module) -> Tuple[bool, bool]:
@@ -143,7 +149,7 @@ class Shampoo(_KroneckerRoot):
                                                           self.stat_decay), prev)
 
     def update_preconditioners(self, step: int) -> None:
-        if self._skipped is not None and step % self.inv_interval == 0:
+        if self._skipped is not None and step % self.refresh_interval == 0:
             skipped = int(self._skipped)
             self._skipped = None
             if skipped:

@@ -19,7 +19,7 @@ from mmprecond.optim.base import loaded_layer_state
 pytestmark = pytest.mark.slow
 
 OPTIMIZER = dict(type='NKFAC', lr=0.01, weight_decay=1e-4, stat_interval=1,
-                 inv_interval=1)
+                 refresh_interval=1)
 
 
 class StartProbe(Hook):

@@ -61,7 +61,7 @@ def test_layer_decay_groups_are_kept_and_optimizer_is_preconditioned():
                       constructor=DECAY).optimizer
     model = tiny_vit()
     ours = build(model, dict(type='AdaNKFAC', lr=1e-3, weight_decay=0.05,
-                             stat_interval=1, inv_interval=1),
+                             stat_interval=1, refresh_interval=1),
                  constructor='PrecondOptimWrapperConstructor',
                  base_constructor=DECAY).optimizer
     assert isinstance(ours, AdaNKFAC)

@@ -100,7 +100,7 @@ def test_companion_with_nkfac_trains_and_resumes():
     import io
 
     from mmprecond.optim import NKFAC
-    opt_cfg = dict(type='NKFAC', lr=0.05, stat_interval=1, inv_interval=3)
+    opt_cfg = dict(type='NKFAC', lr=0.05, stat_interval=1, refresh_interval=3)
     batches = data(1) * 12
 
     def train(wrapper, model, part):

@@ -23,7 +23,7 @@ LOG_LINE = re.compile(r'Iter\(train\) \[\s*(\d+)/\d+\](.*)$')
 SCALAR = re.compile(r'([\w/]+): (-?\d+\.\d+(?:e[-+]\d+)?|\d+)')
 ROUND = 1e-4  # LoggerHook prints 4 decimals
 ADANKFAC = dict(type='AdaNKFAC', lr=2e-3, weight_decay=0.05, stat_interval=1,
-                inv_interval=2)
+                refresh_interval=2)
 
 
 def demo_cfg(data_root: Path, work_dir: Path, optimizer: dict, iters: int,

@@ -30,9 +30,9 @@ def demo_cfg(data_root, work_dir, optimizer, iters):
 
 @pytest.mark.parametrize('optimizer', [
     dict(type='AdaNKFAC', lr=2e-3, weight_decay=0.05, stat_interval=2,
-         inv_interval=6, exact_inv_period=2),
+         refresh_interval=6, exact_inv_period=2),
     dict(type='NKFAC', lr=0.02, weight_decay=1e-4, stat_interval=2,
-         inv_interval=6, exact_inv_period=2),
+         refresh_interval=6, exact_inv_period=2),
 ])
 def test_faster_rcnn_trains_and_loss_falls(optimizer, tiny_coco, tmp_path):
     iters = 40

@@ -15,7 +15,7 @@ SGD_LIKE = [(SGDM_BK, {}), (Shampoo, {})]
 def test_without_preconditioning_is_sgd(cls, kw):
     a, b = tiny_net(), tiny_net()
     opt_a = cls(groups(a), model=a, lr=0.05, momentum=0.9, weight_decay=1e-3,
-                max_factor_dim=1, stat_interval=1, inv_interval=1, **kw)
+                max_factor_dim=1, stat_interval=1, refresh_interval=1, **kw)
     assert not opt_a.layers
     opt_b = torch.optim.SGD(groups(b), lr=0.05, momentum=0.9, weight_decay=1e-3)
     data = batches(6)
@@ -59,7 +59,7 @@ def test_adabk_one_step_matches_hand_computation(cls):
     alpha, eps, lr = 0.9, 1e-2, 0.1
     kw = dict(momentum=0.0) if cls is SGDM_BK else dict(weight_decay=0.0)
     opt = cls(model.parameters(), model=model, lr=lr, stat_decay=alpha,
-              damping=eps, stat_interval=1, inv_interval=1, ns_iters=40, **kw)
+              damping=eps, stat_interval=1, refresh_interval=1, ns_iters=40, **kw)
     w0 = torch.cat([lin.weight, lin.bias[:, None]], 1).detach().clone()
     out = model(x)
     out.retain_grad()
@@ -102,18 +102,18 @@ def test_shampoo_one_step_matches_hand_computation(grafting):
 
 def test_bk_schedule_and_k10_from_scratch():
     model = tiny_net()
-    opt = SGDM_BK(model.parameters(), model=model, stat_interval=2, inv_interval=4)
+    opt = SGDM_BK(model.parameters(), model=model, stat_interval=2, refresh_interval=4)
     data = batches(9)
     run(model, opt, data[:1])
     st = opt.layer_state['5']
-    first = st['L_inv'].clone()
+    first = st['L_root'].clone()
     run(model, opt, data[1:4])  # statistics at step 2, no refresh before 4
-    torch.testing.assert_close(st['L_inv'], first, rtol=0, atol=0)
+    torch.testing.assert_close(st['L_root'], first, rtol=0, atol=0)
     run(model, opt, data[4:5])  # step 4: recomputed from scratch, K = 10
     from mmprecond.inverse_root import damped_inverse_roots
     ref = damped_inverse_roots(st['L'][None], 2, 1e-5, 10)[0]
-    torch.testing.assert_close(st['L_inv'], ref)
-    assert not torch.equal(st['L_inv'], first)
+    torch.testing.assert_close(st['L_root'], ref)
+    assert not torch.equal(st['L_root'], first)
     assert opt.fallbacks.counts['root_fallback'] == 0
 
 
@@ -122,7 +122,7 @@ def test_zero_factor_is_skipped_and_retried_after_new_statistics():
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     nn.init.zeros_(model[2].weight)  # no output gradient reaches layer 0
     opt = SGDM_BK(model.parameters(), model=model, lr=0.1, stat_interval=2,
-                  inv_interval=100)
+                  refresh_interval=100)
     x = torch.randn(8, 4)
 
     def step():
@@ -132,11 +132,11 @@ def test_zero_factor_is_skipped_and_retried_after_new_statistics():
 
     step()
     assert opt.fallbacks.counts['root_fallback'] == 1
-    assert set(opt.layer_state['0']) == {'L', 'R', 'R_inv'}
+    assert set(opt.layer_state['0']) == {'L', 'R', 'R_root'}
     step()  # not a statistics step: no retry
     assert opt.fallbacks.counts['root_fallback'] == 1
     step()  # step 2 folds non-zero statistics: the left root now exists
-    assert 'L_inv' in opt.layer_state['0']
+    assert 'L_root' in opt.layer_state['0']
     assert opt.fallbacks.counts['root_fallback'] == 1
 
 
@@ -147,7 +147,7 @@ CASES = [(SGDM_BK, dict(lr=0.05, weight_decay=1e-3)),
 
 @pytest.mark.parametrize('cls,kw', CASES)
 def test_resume_equals_uninterrupted(cls, kw):
-    hp = dict(stat_interval=2, inv_interval=3, **kw)
+    hp = dict(stat_interval=2, refresh_interval=3, **kw)
     opt = assert_resume_equals_uninterrupted(
         tiny_net, lambda m: cls(m.parameters(), model=m, **hp), run, batches(12), 7)
     assert opt.steps == 12
@@ -158,7 +158,7 @@ def test_loss_decreases(cls, kw):
     if cls is AdamW_BK:
         kw = dict(kw, lr=1e-2)
     model = tiny_net()
-    opt = cls(model.parameters(), model=model, stat_interval=1, inv_interval=5,
+    opt = cls(model.parameters(), model=model, stat_interval=1, refresh_interval=5,
               **kw)
     assert_loss_halves(model, opt, *batches(1, size=32)[0])
     assert opt.fallbacks.counts['nonfinite_direction'] == 0
@@ -172,3 +172,28 @@ def test_invalid_arguments():
         SGDM_BK(m.parameters(), model=m, ns_iters=0)
     with pytest.raises(TypeError, match='PrecondOptimWrapperConstructor'):
         AdamW_BK(m.parameters())
+
+
+def test_loads_a_checkpoint_of_the_previous_layout():
+    """A checkpoint saved when roots were stored as ``'L_inv'`` / ``'R_inv'``
+    (``data/sgdm_bk_previous_layout.pth``, written by the code of that time
+    with ``data/make_sgdm_bk_previous_layout.py``) loads into the root keys."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), 'data',
+                        'sgdm_bk_previous_layout.pth')
+    saved = torch.load(path, weights_only=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model.load_state_dict(saved['model'])
+    opt = SGDM_BK(model.parameters(), model=model, lr=0.05, stat_interval=1,
+                  refresh_interval=2)
+    opt.load_state_dict(saved['optim'])
+    old = saved['optim']['preconditioner']['layers']
+    for name, st in opt.layer_state.items():
+        assert not any(k.endswith('_inv') for k in st), sorted(st)
+        for side in ('L', 'R'):
+            assert torch.equal(st[side + '_root'], old[name][side + '_inv'])
+    assert opt.fallbacks.counts.get('nonfinite_state_reset', 0) == 0
+    model(torch.randn(8, 6)).pow(2).mean().backward()
+    opt.step()  # step 3: no refresh, the loaded roots precondition
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -50,7 +50,7 @@ def assert_same_params(a, b, atol=1e-6):
 @pytest.mark.parametrize('identity', ['no_basis_yet', 'all_excluded'])
 def test_identity_rotation_is_adamw(identity):
     a, b = tiny_net(), tiny_net()
-    kw = (dict(stat_interval=1, basis_interval=1000)
+    kw = (dict(stat_interval=1, refresh_interval=1000)
           if identity == 'no_basis_yet' else dict(max_factor_dim=1))
     opt_a = AdamR(groups(a), model=a, lr=1e-2, betas=(0.8, 0.99), eps=1e-7,
                   weight_decay=0.1, **kw)
@@ -98,7 +98,7 @@ def test_rotated_step_matches_hand_computation(projection, reset):
     model = nn.Sequential(lin)
     lr, wd, b1, b2, eps, eps_b = 0.05, 0.1, 0.9, 0.99, 1e-8, 0.01
     opt = AdamR(model.parameters(), model=model, lr=lr, betas=(b1, b2), eps=eps,
-                weight_decay=wd, stat_interval=1, basis_interval=1,
+                weight_decay=wd, stat_interval=1, refresh_interval=1,
                 eps_basis=eps_b, moment_projection=projection,
                 reset_first_basis=reset)
     xs = [torch.randn(16, 4), torch.randn(16, 4)]
@@ -153,7 +153,7 @@ def _layer_with_basis(projection, seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 5, bias=False))
     opt = AdamR(model.parameters(), model=model, stat_interval=1,
-                basis_interval=1, moment_projection=projection)
+                refresh_interval=1, moment_projection=projection)
     q1 = torch.linalg.qr(torch.randn(5, 5))[0]
     q2 = torch.linalg.qr(torch.randn(4, 4))[0]
     a, b = torch.randn(5, 9), torch.randn(4, 9)
@@ -190,7 +190,7 @@ def test_first_basis_after_first_statistics():
     data = batches(6)
     model = tiny_net()
     opt = AdamR(model.parameters(), model=model, stat_interval=2,
-                basis_interval=100, first_basis='stat_interval')
+                refresh_interval=100, first_basis='stat_interval')
     assert [t for t in range(250) if opt.is_basis_step(t)] == [2, 100, 200]
     run(model, opt, data[:2])
     assert 'U1' not in opt.layer_state['5']
@@ -199,7 +199,7 @@ def test_first_basis_after_first_statistics():
     assert 'U1' in st and st['L_count'].item() == 2
     assert st['step'].item() == 1  # reset at the first basis
     default = AdamR(model.parameters(), model=model, stat_interval=2,
-                    basis_interval=100)
+                    refresh_interval=100)
     assert [t for t in range(250) if default.is_basis_step(t)] == [100, 200]
 
 
@@ -238,7 +238,7 @@ def test_align_signs_keeps_the_basis():
 def _one_layer_opt(**kw):
     model = nn.Sequential(nn.Linear(4, 5, bias=False))
     opt = AdamR(model.parameters(), model=model, stat_interval=1,
-                basis_interval=1, **kw)
+                refresh_interval=1, **kw)
     return model, opt
 
 
@@ -325,7 +325,7 @@ def test_missing_statistics_do_not_count_towards_the_mean():
 ])
 def test_resume_across_basis_change_equals_uninterrupted(extra):
     data = batches(20)
-    hp = dict(lr=3e-3, weight_decay=0.1, stat_interval=2, basis_interval=4,
+    hp = dict(lr=3e-3, weight_decay=0.1, stat_interval=2, refresh_interval=4,
               **extra)
     ref = tiny_net()
     opt_ref = AdamR(groups(ref), model=ref, **hp)
@@ -353,7 +353,7 @@ def test_resume_across_basis_change_equals_uninterrupted(extra):
 
 def test_grad_scaler_skipped_step_leaves_statistics_untouched():
     a, b = tiny_net(), tiny_net()
-    hp = dict(lr=1e-3, stat_interval=1, basis_interval=2)
+    hp = dict(lr=1e-3, stat_interval=1, refresh_interval=2)
     opt_a = AdamR(a.parameters(), model=a, **hp)
     opt_b = AdamR(b.parameters(), model=b, **hp)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0**10)
@@ -387,7 +387,7 @@ def test_loss_decreases_on_tiny_conv_net(projection):
     data = batches(1, size=32) * 30
     model = tiny_net()
     opt = AdamR(model.parameters(), model=model, lr=1e-2, weight_decay=0.01,
-                stat_interval=1, basis_interval=5, moment_projection=projection)
+                stat_interval=1, refresh_interval=5, moment_projection=projection)
     first = loss_of(model, *data[0]).item()
     run(model, opt, data)
     assert loss_of(model, *data[0]).item() < 0.5 * first
@@ -406,7 +406,7 @@ def test_invalid_arguments_are_named():
         AdamR(model.parameters(), model=model, first_basis='t0')
     with pytest.raises(ValueError, match='power_interval'):
         AdamR(model.parameters(), model=model, power_interval=0)
-    with pytest.raises(ValueError, match='basis_interval'):
-        AdamR(model.parameters(), model=model, basis_interval=0)
+    with pytest.raises(ValueError, match='refresh_interval'):
+        AdamR(model.parameters(), model=model, refresh_interval=0)
     with pytest.raises(TypeError, match='PrecondOptimWrapperConstructor'):
         AdamR(model.parameters())

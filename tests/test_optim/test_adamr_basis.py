@@ -33,14 +33,14 @@ def test_default_adamr_beats_adamw_5x_on_least_squares():
     adamr = bench.train(
         problem, lambda m: AdamR(m.parameters(), model=m, lr=lr,
                                  weight_decay=0.0, stat_interval=5,
-                                 basis_interval=20), steps=400)
+                                 refresh_interval=20), steps=400)
     ratio = bench.final_loss(adamr, 20) / bench.final_loss(adamw, 20)
     assert ratio < 1 / 5, ratio
     # and not by luck: Algorithm 6's carried-over moments waste it
     thesis = bench.train(
         problem, lambda m: AdamR(m.parameters(), model=m, lr=lr,
                                  weight_decay=0.0, stat_interval=5,
-                                 basis_interval=20,
+                                 refresh_interval=20,
                                  moment_projection='algorithm6'), steps=400)
     assert bench.final_loss(thesis, 20) > 10 * bench.final_loss(adamr, 20)
 
@@ -103,7 +103,7 @@ def _steps(model, opt, n, seed=1):
 def test_power_refresh_moves_bases_and_keeps_first_moment():
     model = _net()
     opt = AdamR(model.parameters(), model=model, lr=1e-2, stat_interval=1,
-                basis_interval=4, power_interval=1, moment_projection='rotate')
+                refresh_interval=4, power_interval=1, moment_projection='rotate')
     _steps(model, opt, 5)  # eigh at t = 4
     before = {n: {k: v.clone() for k, v in st.items()}
               for n, st in opt.layer_state.items()}
@@ -135,7 +135,7 @@ def test_power_refresh_moves_bases_and_keeps_first_moment():
 def test_nan_factor_in_power_refresh_keeps_basis_and_is_counted():
     model = _net()
     opt = AdamR(model.parameters(), model=model, lr=1e-2, stat_interval=1,
-                basis_interval=4, power_interval=1)
+                refresh_interval=4, power_interval=1)
     _steps(model, opt, 5)
     st = opt.layer_state['2']
     u1 = st['U1'].clone()
@@ -152,7 +152,7 @@ def test_nonfinite_basis_skips_the_layer_consistently():
     eigh refresh replaces the basis and restarts the layer's moments."""
     lr, wd = 1e-2, 0.1
     model, ref = _net(), _net()
-    hp = dict(lr=lr, weight_decay=wd, stat_interval=1, basis_interval=4)
+    hp = dict(lr=lr, weight_decay=wd, stat_interval=1, refresh_interval=4)
     opt, opt_ref = (AdamR(model.parameters(), model=model, **hp),
                     AdamR(ref.parameters(), model=ref, **hp))
     _steps(model, opt, 5)
@@ -190,7 +190,7 @@ def test_nonfinite_basis_skips_the_layer_consistently():
 def test_nan_factor_before_eigh_keeps_everything_finite(power_interval):
     model = _net()
     opt = AdamR(model.parameters(), model=model, lr=1e-2, stat_interval=1,
-                basis_interval=4, power_interval=power_interval)
+                refresh_interval=4, power_interval=power_interval)
     _steps(model, opt, 5)
     u1 = opt.layer_state['0']['U1'].clone()
     opt.layer_state['0']['L'].fill_(float('nan'))

@@ -54,7 +54,7 @@ def test_config_sets_adamr_without_sgd_leftovers(name):
     assert opt.type == 'AdamR' and opt.lr == 1e-4
     assert opt.weight_decay == (0.02 if 'swin' in name else 0.2)
     assert 'momentum' not in opt and '_delete_' not in opt
-    assert (opt.stat_interval, opt.basis_interval) == (100, 1000)
+    assert (opt.stat_interval, opt.refresh_interval) == (100, 1000)
     if 'mask-rcnn_swin' in name:  # mmdet's no-decay keys are kept
         keys = wrapper.paramwise_cfg.custom_keys
         assert {'norm', 'relative_position_bias_table',
@@ -80,7 +80,7 @@ def test_config_builds_adamr_on_the_real_model(name):
     model = MODELS.build(cfg.model)
     optimizer = build_optim_wrapper(model, copy.deepcopy(cfg.optim_wrapper)).optimizer
     assert type(optimizer).__name__ == 'AdamR'
-    assert optimizer.basis_interval == 1000 and optimizer.stat_interval == 100
+    assert optimizer.refresh_interval == 1000 and optimizer.stat_interval == 100
     assert all(g['betas'] == (0.9, 0.999) for g in optimizer.param_groups)
     layers = optimizer.layers
     assert 'rpn_head.rpn_conv' in layers

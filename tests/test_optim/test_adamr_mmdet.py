@@ -31,7 +31,7 @@ def adamr_demo_config(data_root, work_dir):
                     lr=1e-3,
                     weight_decay=0.05,
                     stat_interval=5,
-                    basis_interval=20,
+                    refresh_interval=20,
                     # like fc6 of the full-size detectors (12545 > 8192),
                     # the 3137-wide input side of shared_fcs.0 is left out
                     max_factor_dim=2048),

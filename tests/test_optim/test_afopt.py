@@ -113,7 +113,7 @@ def test_one_head_qkv_directions_equal_the_closed_forms():
     x = torch.randn(b, n, e)
     lr, jitter = 0.1, 1e-4
     opt = AFOpt(model.parameters(), model=model, lr=lr, momentum=0.0,
-                weight_decay=0.0, stat_interval=1, inv_interval=1,
+                weight_decay=0.0, stat_interval=1, refresh_interval=1,
                 value_jitter=jitter)
     assert list(opt.attention) == ['attn'] and 'attn.out_proj' in opt.layers
     out = attn(x, x, x)[0]
@@ -186,7 +186,7 @@ def test_fsgd_with_identity_statistics_is_sgd(nesterov):
     b = nn.Sequential(nn.Linear(c, 3, bias=False))
     b.load_state_dict(a.state_dict())
     opt_a = FSGD(a.parameters(), model=a, lr=0.05, momentum=0.9, weight_decay=1e-3,
-                 nesterov=nesterov, stat_interval=1, inv_interval=2)
+                 nesterov=nesterov, stat_interval=1, refresh_interval=2)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9,
                             weight_decay=1e-3, nesterov=nesterov)
     g = torch.Generator().manual_seed(0)
@@ -250,7 +250,7 @@ def _log_lines(tmp_path, build):
 ])
 def test_without_attention_one_warning_then_exactly_fsgd(tmp_path, ours, twin, kw):
     data = cnn_batches(12, size=16)
-    hp = dict(stat_interval=2, inv_interval=3, **kw)
+    hp = dict(stat_interval=2, refresh_interval=3, **kw)
     a, b = tiny_cnn(), tiny_cnn()
 
     def train():
@@ -273,7 +273,8 @@ def test_without_attention_one_warning_then_exactly_fsgd(tmp_path, ours, twin, k
                                     (Ada_AFOpt, dict(lr=1e-2, weight_decay=0.05))])
 def test_tiny_transformer_trains_and_preconditions_qkv(cls, kw):
     model = TinyTransformer()
-    opt = cls(model.parameters(), model=model, stat_interval=2, inv_interval=4, **kw)
+    opt = cls(model.parameters(), model=model, stat_interval=2,
+              refresh_interval=4, **kw)
     assert list(opt.attention) == ['attn']
     assert set(opt.layers) == {'embed', 'attn.out_proj', 'mlp.0', 'mlp.2', 'head'}
     data = seq_batches(4, size=32) * 15
@@ -293,7 +294,7 @@ def test_tiny_transformer_trains_and_preconditions_qkv(cls, kw):
                                     (Ada_AFOpt, dict(lr=1e-2, weight_decay=0.1))])
 def test_resume_equals_uninterrupted(cls, kw):
     data = seq_batches(16)
-    hp = dict(stat_interval=2, inv_interval=3, **kw)
+    hp = dict(stat_interval=2, refresh_interval=3, **kw)
     ref = TinyTransformer()
     run(ref, cls(ref.parameters(), model=ref, **hp), data)
 
@@ -350,7 +351,7 @@ def test_mmdet_swin_backbone_steps():
     model = swin.SwinTransformer(embed_dims=16, depths=(2, 2), num_heads=(1, 2),
                                  window_size=4, strides=(4, 2), out_indices=(1, ))
     opt = Ada_AFOpt(model.parameters(), model=model, lr=1e-3, stat_interval=1,
-                    inv_interval=2)
+                    refresh_interval=2)
     assert len(opt.attention) == 4
     assert not any(n.endswith('qkv') for n in opt.layers)
     assert any(n.endswith('ffn.layers.1') for n in opt.layers)
@@ -382,7 +383,7 @@ def _ddp_worker(rank, world, port, steps, result_path):
     model = TinyTransformer()
     ddp = DDP(model)
     opt = Ada_AFOpt(model.parameters(), model=model, lr=1e-2, stat_interval=1,
-                    inv_interval=2)
+                    refresh_interval=2)
     for x, y in seq_batches(steps, size=8):
         opt.zero_grad()
         F.cross_entropy(ddp(x.chunk(2)[rank]), y.chunk(2)[rank]).backward()
@@ -406,7 +407,7 @@ def test_ddp_equals_single_process_on_concatenated_batch(tmp_path):
     res = torch.load(path)
     model = TinyTransformer()
     opt = Ada_AFOpt(model.parameters(), model=model, lr=1e-2, stat_interval=1,
-                    inv_interval=2)
+                    refresh_interval=2)
     run(model, opt, seq_batches(steps, size=8))
     for key, value in opt.layer_state['attn'].items():  # summed over ranks
         err = (res['state'][key] - value).norm() / value.norm()

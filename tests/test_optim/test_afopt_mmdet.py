@@ -74,9 +74,9 @@ def small_swin_cfg(config, data_base, data_root, work_dir, optimizer):
 @pytest.mark.slow
 @pytest.mark.parametrize('config,data_base,optimizer', [
     ('retinanet_swin-t-p4-w7_fpn_afopt-1x_coco.py', 'synthetic_coco_detection.py',
-     dict(lr=0.01, stat_interval=3, inv_interval=9)),
+     dict(lr=0.01, stat_interval=3, refresh_interval=9)),
     ('mask-rcnn_swin-t-p4-w7_fpn_ada-afopt-1x_coco.py',
-     'synthetic_coco_instance.py', dict(lr=1e-3, stat_interval=3, inv_interval=9)),
+     'synthetic_coco_instance.py', dict(lr=1e-3, stat_interval=3, refresh_interval=9)),
 ])
 def test_swin_detector_trains_and_loss_falls(config, data_base, optimizer,
                                              tiny_coco, tmp_path, one_thread):

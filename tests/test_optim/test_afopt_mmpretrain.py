@@ -29,7 +29,7 @@ def test_window_attention_is_preconditioned_and_trains(name, hp):
     wrapper_cfg = cfg.optim_wrapper.to_dict()
     wrapper_cfg.update(
         constructor='PrecondOptimWrapperConstructor',
-        optimizer=dict(type=name, stat_interval=2, inv_interval=4, **hp))
+        optimizer=dict(type=name, stat_interval=2, refresh_interval=4, **hp))
     opt = build_optim_wrapper(model, wrapper_cfg).optimizer
     # every WindowMSA of the 3 stages x 2 blocks is an attention block
     msa = {n for n, m in model.named_modules()

@@ -54,7 +54,7 @@ LOSS_RTOL = {torch.float16: 0.01, torch.bfloat16: 0.05}
 CONVS = dict(precondition_convs=True)  # RetinaNet has no Linear layer
 OPTIMIZERS = [
     (NKFAC, dict(lr=0.01)), (AdaNKFAC, dict(lr=1e-3, weight_decay=0.05)),
-    (KFAC, dict(lr=0.01)), (AdamR, dict(lr=1e-3, basis_interval=2)),
+    (KFAC, dict(lr=0.01)), (AdamR, dict(lr=1e-3, refresh_interval=2)),
     (FSGD, dict(lr=0.01, **CONVS)), (FAdam, dict(lr=1e-3, **CONVS)),
     (AFOpt, dict(lr=0.01, **CONVS)), (Ada_AFOpt, dict(lr=1e-3, **CONVS))]
 IDS = [cls.__name__ for cls, _ in OPTIMIZERS]
@@ -88,7 +88,7 @@ def build(detector, cls, kw):
     model.load_state_dict(detector['init'])
     hp = dict(stat_interval=1, **kw)
     if cls is not AdamR:
-        hp.setdefault('inv_interval', 2)
+        hp.setdefault('refresh_interval', 2)
     return model, cls(model.parameters(), model=model, **hp)
 
 
@@ -193,8 +193,8 @@ def test_low_precision_tracks_fp32(detector, cls, kw, dtype):
 def test_cuda_amp_optim_wrapper_runner(cls, kw, tiny_coco, tmp_path):
     from test_mmdet_training import demo_cfg
     optimizer = dict(type=cls.__name__, stat_interval=1, **kw)
-    if 'basis_interval' not in kw:
-        optimizer['inv_interval'] = 2
+    if 'refresh_interval' not in kw:
+        optimizer['refresh_interval'] = 2
     cfg = demo_cfg(tiny_coco, tmp_path, optimizer, iters=8)
     cfg.optim_wrapper.type = 'AmpOptimWrapper'
     cfg.optim_wrapper.loss_scale = 'dynamic'

@@ -46,7 +46,7 @@ def deep_net(layers, seed=0):
 def trained(cls, layers, steps, **kw):
     model = deep_net(layers)
     if cls is not AdamR:
-        kw = dict(inv_interval=1, **kw)
+        kw = dict(refresh_interval=1, **kw)
     opt = cls(model.parameters(), model=model, lr=0.01, stat_interval=1, **kw)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 16, generator=g), torch.randint(0, 4, (64, ), generator=g)
@@ -85,7 +85,7 @@ def test_refresh_kernels_do_not_grow_with_the_number_of_layers(cls, kw):
 
 def test_adamr_basis_refresh_is_one_batched_eigh_per_size():
     def eigh_calls(layers):
-        opt = trained(AdamR, layers, 5, basis_interval=4)  # 1st basis at t=4
+        opt = trained(AdamR, layers, 5, refresh_interval=4)  # 1st basis at t=4
         assert opt.fallbacks.counts.get('eigh_failure', 0) == 0
         u = opt.layer_state['0']['U2']
         torch.testing.assert_close(u.T @ u, torch.eye(17), rtol=0, atol=1e-5)

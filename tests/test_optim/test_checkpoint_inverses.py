@@ -72,7 +72,7 @@ def resume(cls, make, hp, ckpt):
 @pytest.mark.parametrize('cls,make,data_fn,kw', CASES)
 def test_resume_at_a_refresh_step_is_bit_identical(cls, make, data_fn, kw):
     data = data_fn(10)
-    hp = dict(stat_interval=1, inv_interval=3, **kw)
+    hp = dict(stat_interval=1, refresh_interval=3, **kw)
     ref = make()
     run(ref, cls(ref.parameters(), model=ref, **hp), data)
 
@@ -81,12 +81,13 @@ def test_resume_at_a_refresh_step_is_bit_identical(cls, make, data_fn, kw):
     full, full_size = checkpoint_at(cls, make, data, hp, stop=6)
     light_layers = light['optim']['preconditioner']['layers']
     full_layers = full['optim']['preconditioner']['layers']
-    assert not any(k.endswith('_inv') for st in light_layers.values() for k in st)
+    assert not any(k.endswith(('_inv', '_root'))
+                   for st in light_layers.values() for k in st)
     assert set(light_layers) == set(full_layers)
     # the preconditioner part shrinks by the inverses (Kronecker: exactly half)
     inverse_bytes = sum(v.numel() * v.element_size()
                         for st in full_layers.values()
-                        for k, v in st.items() if k.endswith('_inv'))
+                        for k, v in st.items() if k.endswith(('_inv', '_root')))
     assert tensor_bytes(light_layers) == tensor_bytes(full_layers) - inverse_bytes
     assert light_size < full_size - inverse_bytes * 0.9
     if cls in (KFAC, NKFAC, AdaNKFAC, *ROOTS):
@@ -108,7 +109,7 @@ def test_elsewhere_the_resume_step_refreshes_exactly(cls):
     the exact damped inverse of the factor at that step (one extra refresh),
     not the uninterrupted run's older one."""
     data = batches(8)
-    hp = dict(lr=0.05, stat_interval=1, inv_interval=4,
+    hp = dict(lr=0.05, stat_interval=1, refresh_interval=4,
               checkpoint_inverses=False)
     ckpt, _ = checkpoint_at(cls, tiny_net, data, hp, stop=5)
     model, opt = resume(cls, tiny_net, hp, ckpt)
@@ -130,7 +131,7 @@ def test_adamr_keeps_its_basis():
             constructor='PrecondOptimWrapperConstructor',
             optimizer=dict(type='AdamR', checkpoint_inverses=False)))).optim_wrapper)
     model = tiny_net()
-    opt = AdamR(model.parameters(), model=model, stat_interval=1, basis_interval=1)
+    opt = AdamR(model.parameters(), model=model, stat_interval=1, refresh_interval=1)
     run(model, opt, batches(3))
     saved = opt.state_dict()['preconditioner']['layers']
     assert all({'U1', 'U2'} <= set(st) for st in saved.values())
@@ -141,7 +142,7 @@ def test_roots_missing_after_resume_are_computed_at_once(cls):
     """Resumed between statistics steps, the inverse roots are recomputed at
     the first step, not left missing until the next statistics step."""
     data = batches(8)
-    hp = dict(stat_interval=2, inv_interval=4, lr=1e-3,
+    hp = dict(stat_interval=2, refresh_interval=4, lr=1e-3,
               checkpoint_inverses=False)
     ckpt, _ = checkpoint_at(cls, tiny_net, data, hp, stop=5)
     second, opt = resume(cls, tiny_net, hp, ckpt)
@@ -150,5 +151,5 @@ def test_roots_missing_after_resume_are_computed_at_once(cls):
     for name, st in opt.layer_state.items():
         for side in ('L', 'R'):
             if side in st:
-                assert side + '_inv' in st, (name, side)
-                assert torch.isfinite(st[side + '_inv']).all()
+                assert side + opt.derived_suffix in st, (name, side)
+                assert torch.isfinite(st[side + opt.derived_suffix]).all()

@@ -79,7 +79,7 @@ def resumed_equals_uninterrupted(cls, hp, stop, transform=None):
     for name, st in opt1.layer_state.items():
         loaded = opt2.layer_state[name]
         if hp.get('checkpoint_inverses') is False:  # inverses at 1st step
-            st = {k: v for k, v in st.items() if not k.endswith('_inv')}
+            st = {k: v for k, v in st.items() if not k.endswith(('_inv', '_root'))}
         assert set(loaded) == set(st), name
         for key, value in st.items():
             assert torch.equal(loaded[key], value), (name, key)
@@ -102,7 +102,7 @@ def test_pack_unpack_is_bit_exact():
 
 def test_factors_are_saved_packed():
     """The factors' upper triangles only; a resume stays exact."""
-    hp = dict(stat_interval=1, inv_interval=3, checkpoint_inverses=False)
+    hp = dict(stat_interval=1, refresh_interval=3, checkpoint_inverses=False)
     ckpt, _ = resumed_equals_uninterrupted(NKFAC, hp, stop=6)
     pre = ckpt['optim']['preconditioner']
     assert pre['packed']['3'] == {'L': [37, 37], 'R': [577, 577]}
@@ -120,14 +120,14 @@ def test_auto_leaves_out_the_inverses_it_rebuilds(cls):
     inverses at the first step (after that step's fold) would differ, so
     this needs the rebuild at load, with the very batch of the refresh.
     """
-    hp = dict(stat_interval=1, inv_interval=4)
+    hp = dict(stat_interval=1, refresh_interval=4)
     if cls is not KFAC:
         hp['exact_inv_period'] = 100
     kw = dict(lr=1e-3) if cls is AdaNKFAC else dict(lr=0.05)
     # steps 0..4 ran; 4 folded then refreshed exactly (<= 2 T_inv)
     ckpt, auto_size = resumed_equals_uninterrupted(cls, dict(hp, **kw), stop=5)
     layers = ckpt['optim']['preconditioner']['layers']
-    assert not any(k.endswith('_inv') for st in layers.values() for k in st)
+    assert not any(k.endswith(('_inv', '_root')) for st in layers.values() for k in st)
     assert ckpt['optim']['preconditioner']['extras']['rebuilt_inverses']
     _, full_size = resumed_equals_uninterrupted(
         cls, dict(hp, checkpoint_inverses=True, **kw), stop=5)
@@ -136,7 +136,7 @@ def test_auto_leaves_out_the_inverses_it_rebuilds(cls):
 
 def test_auto_keeps_newton_inverses():
     """After a Newton refresh the inverse depends on the previous one: kept."""
-    hp = dict(lr=0.05, stat_interval=2, inv_interval=2, exact_inv_period=100)
+    hp = dict(lr=0.05, stat_interval=2, refresh_interval=2, exact_inv_period=100)
     ckpt, _ = resumed_equals_uninterrupted(NKFAC, hp, stop=7)  # Newton at 6
     pre = ckpt['optim']['preconditioner']
     for st in pre['layers'].values():
@@ -146,7 +146,7 @@ def test_auto_keeps_newton_inverses():
 
 def test_auto_keeps_inverses_of_moved_factors():
     """Statistics folded after the exact refresh: the inverses are kept."""
-    hp = dict(lr=0.05, stat_interval=1, inv_interval=3)
+    hp = dict(lr=0.05, stat_interval=1, refresh_interval=3)
     ckpt, _ = resumed_equals_uninterrupted(NKFAC, hp, stop=5)  # folds at 4
     for st in ckpt['optim']['preconditioner']['layers'].values():
         assert {'L_inv', 'R_inv'} <= set(st)
@@ -163,10 +163,10 @@ def _old_format(ckpt, opt):
 
 
 @pytest.mark.parametrize('cls,hp,stop', [
-    (NKFAC, dict(lr=0.05, stat_interval=1, inv_interval=4), 5),
-    (NKFAC, dict(lr=0.05, stat_interval=2, inv_interval=2,
+    (NKFAC, dict(lr=0.05, stat_interval=1, refresh_interval=4), 5),
+    (NKFAC, dict(lr=0.05, stat_interval=2, refresh_interval=2,
                  exact_inv_period=100), 7),
-    (AdamR, dict(lr=1e-3, stat_interval=1, basis_interval=3), 7),
+    (AdamR, dict(lr=1e-3, stat_interval=1, refresh_interval=3), 7),
 ])
 def test_unpacked_checkpoints_still_load(cls, hp, stop):
     resumed_equals_uninterrupted(cls, hp, stop, transform=_old_format)
@@ -174,7 +174,7 @@ def test_unpacked_checkpoints_still_load(cls, hp, stop):
 
 def test_adamr_factors_packed_bases_whole():
     """AdamR's factors pack; its orthogonal bases cannot and are kept."""
-    hp = dict(lr=1e-3, stat_interval=1, basis_interval=3)
+    hp = dict(lr=1e-3, stat_interval=1, refresh_interval=3)
     ckpt, _ = resumed_equals_uninterrupted(AdamR, hp, stop=7)
     pre = ckpt['optim']['preconditioner']
     assert set(pre['packed']['3']) == {'L', 'R'}
@@ -190,7 +190,7 @@ def test_invalid_checkpoint_inverses():
 def test_size_reports_name_the_large_parts():
     model = net()
     opt = NKFAC(model.parameters(), model=model, stat_interval=1,
-                inv_interval=1, exact_inv_period=100)
+                refresh_interval=1, exact_inv_period=100)
     expected = expected_state_report(opt)
     assert '3.R (577x577) 0.6' in expected, expected  # 577*578/2*4 B
     run(model, opt, data(4))  # Newton at step 3: inverses kept, whole
@@ -207,7 +207,7 @@ def _ddp_rebuild_worker(rank, world, port, path):
     from ddp_recording import join_gloo, save_from_rank0
     join_gloo(rank, world, port)
     model = net()
-    hp = dict(lr=0.05, stat_interval=1, inv_interval=4, shard_inverses=True)
+    hp = dict(lr=0.05, stat_interval=1, refresh_interval=4, shard_refresh=True)
     opt = NKFAC(model.parameters(), model=model, **hp)
     run(model, opt, data(5))  # same batches on both ranks; exact refresh at 4
     sd = opt.state_dict()
@@ -215,8 +215,8 @@ def _ddp_rebuild_worker(rank, world, port, path):
     fresh.load_state_dict(sd)  # the rebuild is sharded: broadcasts on load
     same = all(torch.equal(fresh.layer_state[n][k], v)
                for n, st in opt.layer_state.items() for k, v in st.items())
-    omitted = sum(k.endswith('_inv') for st in opt.layer_state.values()
-                  for k in st) - sum(k.endswith('_inv') for st in
+    omitted = sum(k.endswith(('_inv', '_root')) for st in opt.layer_state.values()
+                  for k in st) - sum(k.endswith(('_inv', '_root')) for st in
                                      sd['preconditioner']['layers'].values()
                                      for k in st)
     save_from_rank0(dict(same=same, omitted=omitted), path)

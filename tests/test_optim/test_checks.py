@@ -13,7 +13,7 @@ from test_afopt import _log_lines, tiny_cnn
 
 import mmprecond  # noqa: F401  (registers)
 from mmprecond.optim import FSGD, KFAC, NKFAC, Ada_AFOpt, AdamR, AdaNKFAC, AFOpt, FAdam
-from mmprecond.optim.checks import accepted_keywords
+from mmprecond.optim.checks import accepted_keywords, check_keywords
 
 PRECOND = dict(constructor='PrecondOptimWrapperConstructor')
 
@@ -25,10 +25,10 @@ def build(model, optimizer, **wrapper):
 
 def test_unknown_keyword_lists_the_existing_ones():
     with pytest.raises(ValueError) as info:
-        build(tiny_cnn(), dict(type='NKFAC', lr=0.01, inv_intervall=10))
+        build(tiny_cnn(), dict(type='NKFAC', lr=0.01, refresh_intervall=10))
     msg = str(info.value)
-    assert "unknown optimizer keyword(s) 'inv_intervall'" in msg
-    for kw in ('inv_interval', 'stat_interval', 'damping', 'max_factor_dim'):
+    assert "unknown optimizer keyword(s) 'refresh_intervall'" in msg
+    for kw in ('refresh_interval', 'stat_interval', 'damping', 'max_factor_dim'):
         assert kw in msg
     assert '_delete_' not in msg  # not an inherited SGD key
 
@@ -56,12 +56,12 @@ def test_inherited_sgd_keys_explain_delete(tmp_path):
 
 
 @pytest.mark.parametrize('cls,field', [
-    (NKFAC, 'stat_interval'), (NKFAC, 'inv_interval'),
+    (NKFAC, 'stat_interval'), (NKFAC, 'refresh_interval'),
     (NKFAC, 'exact_inv_period'), (NKFAC, 'newton_steps'),
-    (AdaNKFAC, 'inv_interval'), (KFAC, 'stat_interval'),
-    (AdamR, 'basis_interval'), (AdamR, 'stat_interval'),
-    (FSGD, 'inv_interval'), (FAdam, 'stat_interval'), (AFOpt, 'inv_interval'),
-    (Ada_AFOpt, 'inv_interval')])
+    (AdaNKFAC, 'refresh_interval'), (KFAC, 'stat_interval'),
+    (AdamR, 'refresh_interval'), (AdamR, 'stat_interval'),
+    (FSGD, 'refresh_interval'), (FAdam, 'stat_interval'), (AFOpt, 'refresh_interval'),
+    (Ada_AFOpt, 'refresh_interval')])
 @pytest.mark.parametrize('value', [1e3, 10.5, 0, -5, True, '100'])
 def test_bad_intervals(cls, field, value):
     with pytest.raises(ValueError) as info:
@@ -82,9 +82,9 @@ def test_damping_outside_unit_interval(cls, eta):
     assert 'damping=0.01' in str(info.value)
 
 
-@pytest.mark.parametrize('cls,field', [(NKFAC, 'inv_interval'),
-                                       (FSGD, 'inv_interval'),
-                                       (AdamR, 'basis_interval')])
+@pytest.mark.parametrize('cls,field', [(NKFAC, 'refresh_interval'),
+                                       (FSGD, 'refresh_interval'),
+                                       (AdamR, 'refresh_interval')])
 def test_unaligned_refresh_interval_is_explained(tmp_path, cls, field):
     model = tiny_cnn()
     _, lines = _log_lines(tmp_path, lambda: build(
@@ -108,7 +108,7 @@ def test_kfac_rejects_newton_keywords(kw):
         msg = str(info.value)
         assert next(iter(kw)) in msg and "type='NKFAC'" in msg
     assert 'newton_steps' not in accepted_keywords(KFAC)
-    assert 'inv_interval' in accepted_keywords(KFAC)
+    assert 'refresh_interval' in accepted_keywords(KFAC)
     assert 'newton_steps' in accepted_keywords(NKFAC)
 
 
@@ -141,3 +141,27 @@ def test_layers_that_cannot_be_preconditioned_are_named(tmp_path):
     assert "2: padding_mode='reflect'" in text
     assert '3: unsupported type Conv1d' in text
     assert opt.fallbacks.counts['excluded_layers'] == 3
+
+
+def test_variants_take_their_base_keywords_only():
+    """One family, two variants: each signature has its base update's keys,
+    the other base's keys are refused at build time, old names name the new."""
+    import inspect
+
+    from mmprecond.optim import VARIANTS, KroneckerInverse
+    assert VARIANTS['AdaNKFAC'].family is KroneckerInverse
+    assert VARIANTS['NKFAC'].base == 'sgdm' and VARIANTS['AdaNKFAC'].base == 'adamw'
+    assert isinstance(KFAC, type) and issubclass(KFAC, NKFAC)
+    sgd, adam = accepted_keywords(NKFAC), accepted_keywords(AdaNKFAC)
+    assert {'momentum', 'nesterov'} <= set(sgd) and not {'betas', 'eps'} & set(sgd)
+    assert {'betas', 'eps'} <= set(adam) and not {'momentum', 'nesterov'} & set(adam)
+    assert inspect.signature(AdaNKFAC).parameters['weight_decay'].default == 0.2
+    with pytest.raises(ValueError, match='_delete_=True'):
+        check_keywords(AdaNKFAC, dict(type='AdaNKFAC', momentum=0.9))
+    with pytest.raises(ValueError, match='inv_interval was renamed refresh_interval'):
+        check_keywords(NKFAC, dict(type='NKFAC', inv_interval=10))
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError):
+        AdaNKFAC(model.parameters(), model=model, momentum=0.9)
+    with pytest.raises(TypeError):  # keyword-only: no positional lr
+        NKFAC(model.parameters(), 0.1, model=model)

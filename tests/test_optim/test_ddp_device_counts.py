@@ -24,11 +24,11 @@ from mmprecond.profiling import DispatchCounter, counter_tensors
 STEPS = 4
 CASES = {
     'NKFAC': (NKFAC, dict(lr=0.05, weight_decay=1e-4, stat_interval=1,
-                          inv_interval=2, shard_inverses=False)),
-    'NKFAC-before_refresh': (NKFAC, dict(lr=0.05, stat_interval=1, inv_interval=2,
+                          refresh_interval=2, shard_refresh=False)),
+    'NKFAC-before_refresh': (NKFAC, dict(lr=0.05, stat_interval=1, refresh_interval=2,
                                          reduce_statistics='before_refresh')),
-    'AdamR': (AdamR, dict(lr=1e-2, stat_interval=1, basis_interval=2, eps=1e-6)),
-    'Ada_AFOpt': (Ada_AFOpt, dict(lr=1e-2, stat_interval=1, inv_interval=2)),
+    'AdamR': (AdamR, dict(lr=1e-2, stat_interval=1, refresh_interval=2, eps=1e-6)),
+    'Ada_AFOpt': (Ada_AFOpt, dict(lr=1e-2, stat_interval=1, refresh_interval=2)),
 }
 
 

@@ -15,7 +15,7 @@ ITERS = 40
 # roots every 20 iterations, and the 3137-wide input side of shared_fcs.0 left
 # out (max_factor_dim), keep the K-step Newton-Schulz refreshes affordable on
 # 2 CPU cores
-ROOTS = dict(inv_interval=20, max_factor_dim=1200)
+ROOTS = dict(refresh_interval=20, max_factor_dim=1200)
 OPTIMIZERS = {
     'SGDM_BK': dict(lr=0.02, weight_decay=1e-4, stat_interval=2, **ROOTS),
     'AdamW_BK': dict(lr=2e-3, weight_decay=0.05, stat_interval=2, **ROOTS),

@@ -7,7 +7,7 @@ from test_afopt import _log_lines, cnn_batches, run, tiny_cnn
 
 from mmprecond.optim import FSGD, KFAC, NKFAC, SGDM_BK, AdamR, AdaNKFAC, Shampoo
 
-SQUARE_KEYS = {'L', 'R', 'L_inv', 'R_inv', 'U1', 'U2'}
+SQUARE_KEYS = {'L', 'R', 'L_inv', 'R_inv', 'L_root', 'R_root', 'U1', 'U2'}
 
 
 def factor_bytes_held(opt):
@@ -17,7 +17,7 @@ def factor_bytes_held(opt):
 
 
 @pytest.mark.parametrize('cls,kw', [
-    (NKFAC, {}), (AdaNKFAC, {}), (KFAC, {}), (AdamR, dict(basis_interval=1)),
+    (NKFAC, {}), (AdaNKFAC, {}), (KFAC, {}), (AdamR, dict(refresh_interval=1)),
     (FSGD, dict(precondition_convs=True)), (SGDM_BK, {}), (Shampoo, {})])
 def test_budget_is_enforced_on_the_state_really_held(tmp_path, cls, kw):
     ref = tiny_cnn()

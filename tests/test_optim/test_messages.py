@@ -27,8 +27,8 @@ from contract_spec import Net, batches, registered, signature  # noqa: E402
 OURS = {n: c for n, c in registered().items() if not n.startswith('Peer')}
 WITH_MOMENTUM = [n for n, c in registered().items() if 'momentum' in signature(c)]
 WITH_BETAS = [n for n, c in OURS.items() if 'betas' in signature(c)]
-REFRESHING = [(n, f) for n, c in OURS.items() for f in ('inv_interval',
-                                                        'basis_interval')
+REFRESHING = [(n, f) for n, c in OURS.items() for f in ('refresh_interval',
+                                                        'refresh_interval')
               if f in signature(c) and 'stat_interval' in signature(c)]
 
 
@@ -137,7 +137,7 @@ def _adanfkac_state():
     torch.manual_seed(0)
     model = Net()
     opt = AdaNKFAC(model.parameters(), model=model, lr=1e-2, stat_interval=1,
-                   inv_interval=2)
+                   refresh_interval=2)
     wrapper = OptimWrapper(opt)
     for x, y, rows in batches(3):
         loss = nn.functional.cross_entropy(model(x, rows), y)

@@ -45,7 +45,7 @@ def test_nkfac_without_preconditioning_is_sgd(nesterov):
     a, b = tiny_net(), tiny_net()
     opt_a = NKFAC(groups(a), model=a, lr=0.05, momentum=0.9, weight_decay=1e-3,
                   nesterov=nesterov, max_factor_dim=1, stat_interval=1,
-                  inv_interval=1)
+                  refresh_interval=1)
     assert not opt_a.layers and opt_a.fallbacks.counts['excluded_layers'] == 3
     opt_b = torch.optim.SGD(groups(b), lr=0.05, momentum=0.9, weight_decay=1e-3,
                             nesterov=nesterov)
@@ -110,19 +110,21 @@ def test_one_preconditioned_step_matches_hand_computation():
 def test_schedule_exact_then_newton_and_guard():
     model = tiny_net()
     opt = NKFAC(model.parameters(), model=model, lr=0.02, stat_interval=1,
-                inv_interval=2, exact_inv_period=5)
+                refresh_interval=2, exact_inv_period=5)
     exact_steps = [s for s in range(25) if opt._use_exact(s) and s % 2 == 0]
     assert exact_steps == [0, 2, 4, 10, 20]
     run(model, opt, batches(14))  # Newton refreshes at steps 6, 8, 12
     assert opt.fallbacks.counts['newton_fallback'] == 0
     st = opt.layer_state['0']
     assert set(st) == {'L', 'R', 'L_inv', 'R_inv'}
-    # guard: a useless warm start is replaced by the exact inverse, counted
-    exact = opt._refresh(st['R'], None, exact=True)
-    bad = -10 * exact
-    got = opt._refresh(st['R'], bad, exact=False)
+    # guard: a useless warm start is replaced by the exact inverse, counted,
+    # on the optimizer's own (batched, Newton) refresh path
+    exact = opt._refresh_batch(st['R'][None], None, None)[0][0]
+    st['R_inv'] = -10 * exact
+    assert not opt._use_exact(16)
+    opt.update_preconditioners(16)
     assert opt.fallbacks.counts['newton_fallback'] == 1
-    torch.testing.assert_close(got, exact)
+    torch.testing.assert_close(st['R_inv'], exact)
 
 
 def test_loss_decreases_for_each_variant():
@@ -131,7 +133,7 @@ def test_loss_decreases_for_each_variant():
                     (AdaNKFAC, dict(lr=2e-2, weight_decay=0.01))]:
         model = tiny_net()
         opt = cls(model.parameters(), model=model, stat_interval=1,
-                  inv_interval=5, **kw)
+                  refresh_interval=5, **kw)
         first = loss_of(model, *data[0]).item()
         run(model, opt, data)
         assert loss_of(model, *data[0]).item() < 0.5 * first, cls.__name__
@@ -139,8 +141,8 @@ def test_loss_decreases_for_each_variant():
 
 def test_gradient_accumulation_equals_one_big_batch():
     a, b = tiny_net(), tiny_net()
-    opt_a = NKFAC(a.parameters(), model=a, lr=0.05, stat_interval=1, inv_interval=2)
-    opt_b = NKFAC(b.parameters(), model=b, lr=0.05, stat_interval=1, inv_interval=2)
+    opt_a = NKFAC(a.parameters(), model=a, lr=0.05, stat_interval=1, refresh_interval=2)
+    opt_b = NKFAC(b.parameters(), model=b, lr=0.05, stat_interval=1, refresh_interval=2)
     for x, y in batches(6, size=12):
         opt_a.zero_grad()
         for xs, ys in zip(x.split(4), y.split(4)):  # 3 micro-batches
@@ -162,9 +164,9 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_grad_scaler_skipped_step_leaves_no_trace():
     a, b = tiny_net(), tiny_net()
     opt_a = AdaNKFAC(a.parameters(), model=a, lr=1e-3, stat_interval=1,
-                     inv_interval=1)
+                     refresh_interval=1)
     opt_b = AdaNKFAC(b.parameters(), model=b, lr=1e-3, stat_interval=1,
-                     inv_interval=1)
+                     refresh_interval=1)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0**10)
     opt_a.attach_grad_scaler(scaler)
     data = batches(4)
@@ -196,7 +198,7 @@ def test_grad_scaler_skipped_step_leaves_no_trace():
                                     (AdaNKFAC, dict(lr=1e-3, weight_decay=0.1))])
 def test_resume_equals_uninterrupted(cls, kw):
     data = batches(20)
-    hp = dict(stat_interval=2, inv_interval=3, exact_inv_period=4, **kw)
+    hp = dict(stat_interval=2, refresh_interval=3, exact_inv_period=4, **kw)
     ref = tiny_net()
     opt_ref = cls(ref.parameters(), model=ref, **hp)
     run(ref, opt_ref, data)

@@ -18,9 +18,9 @@ from mmprecond.optim import AdamR, AdamW_BK, AdaNKFAC
 from mmprecond.profiling import DispatchCounter, counter_tensors
 
 OPTIMS = {
-    'AdaNKFAC': (AdaNKFAC, dict(lr=1e-3, weight_decay=0.05, inv_interval=INV)),
-    'AdamW_BK': (AdamW_BK, dict(lr=1e-3, weight_decay=0.05, inv_interval=INV)),
-    'AdamR': (AdamR, dict(lr=1e-3, basis_interval=INV)),
+    'AdaNKFAC': (AdaNKFAC, dict(lr=1e-3, weight_decay=0.05, refresh_interval=INV)),
+    'AdamW_BK': (AdamW_BK, dict(lr=1e-3, weight_decay=0.05, refresh_interval=INV)),
+    'AdamR': (AdamR, dict(lr=1e-3, refresh_interval=INV)),
 }
 
 

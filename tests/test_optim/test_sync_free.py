@@ -85,7 +85,7 @@ def iteration(model, opt, x, y):
 def build(name, device='cpu', convs=2):
     cls, kw, _ = OPTIMS[name]
     model = Net(convs).to(device)
-    interval = 'basis_interval' if cls is AdamR else 'inv_interval'
+    interval = 'refresh_interval' if cls is AdamR else 'refresh_interval'
     opt = cls(model.parameters(), model=model, stat_interval=STAT,
               **{interval: INV}, **kw)
     return model, opt

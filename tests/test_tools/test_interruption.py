@@ -32,10 +32,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: optimizer -> (lr, refresh-interval keyword); refreshes every 2 steps,
 #: statistics every step.
 OPTIMIZERS = {
-    'NKFAC': (0.01, 'inv_interval'), 'AdaNKFAC': (1e-3, 'inv_interval'),
-    'KFAC': (0.01, 'inv_interval'), 'AdamR': (1e-3, 'basis_interval'),
-    'FSGD': (0.01, 'inv_interval'), 'FAdam': (1e-3, 'inv_interval'),
-    'AFOpt': (0.01, 'inv_interval'), 'Ada_AFOpt': (1e-3, 'inv_interval'),
+    'NKFAC': (0.01, 'refresh_interval'), 'AdaNKFAC': (1e-3, 'refresh_interval'),
+    'KFAC': (0.01, 'refresh_interval'), 'AdamR': (1e-3, 'refresh_interval'),
+    'FSGD': (0.01, 'refresh_interval'), 'FAdam': (1e-3, 'refresh_interval'),
+    'AFOpt': (0.01, 'refresh_interval'), 'Ada_AFOpt': (1e-3, 'refresh_interval'),
 }
 
 
