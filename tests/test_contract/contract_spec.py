@@ -150,7 +150,7 @@ def train_step(model: nn.Module, opt: Any, batch: Batch, scale: float = 0.0,
     if overflow:
         loss = loss * float('inf')
     scaled = scaler.scale(loss) if scaler is not None else loss
-    if hasattr(opt, 'prepare_hessian'):
+    if getattr(opt, 'prepares_hessian', False):
         opt.prepare_hessian(scaled)  # DDP rejects backward(create_graph=True)
     scaled.backward()
     if scaler is not None:

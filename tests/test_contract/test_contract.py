@@ -437,14 +437,14 @@ def build_runner(name: str, work_dir: str, seed: int, max_iters: int,
 
     The optimizer comes from the project's constructor; the optim wrapper
     and hooks are what the optimizer's own protocol asks for (the Hessian
-    wrapper for ``prepare_hessian``, :class:`SecondPassHook` for
-    ``second_pass``), so a new optimizer needs no entry here.
+    wrapper for ``prepares_hessian``, :class:`SecondPassHook` for
+    ``uses_second_pass``; see :mod:`mmprecond.protocol`), so a new optimizer needs no entry here.
     """
     cls = OPTIMIZERS[name]
-    wrapper = 'HessianOptimWrapper' if hasattr(cls, 'prepare_hessian') \
-        else 'OptimWrapper'
-    hooks = [dict(type='SecondPassHook')] if hasattr(cls, 'second_pass') \
-        else []
+    wrapper = ('HessianOptimWrapper' if getattr(cls, 'prepares_hessian', False)
+               else 'OptimWrapper')
+    hooks = ([dict(type='SecondPassHook')]
+             if getattr(cls, 'uses_second_pass', False) else [])
     kw = hyper(cls)
     if 'logits_module' in signature(cls):  # the model returns a loss dict
         kw['logits_module'] = 'head'

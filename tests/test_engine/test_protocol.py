@@ -79,11 +79,11 @@ def test_root_diagnostics_rebuilds_the_damped_factor() -> None:
     eps = 0.1
     for relative, shift in ((True, eps * 4.), (False, eps)):
         exact = torch.diag((torch.tensor([1., 2., 4.]) + shift)**-0.5)
-        out = root_diagnostics(dict(fc=dict(L=s, L_inv=exact)), 2, eps, relative)
+        out = root_diagnostics(dict(fc=dict(L=s, L_root=exact)), 2, eps, relative)
         assert float(out['root_error']) < 1e-5
         assert float(out['damping']) == pytest.approx(shift, rel=1e-5)
         assert float(out['lambda_max']) == pytest.approx(4., rel=1e-5)
-        out = root_diagnostics(dict(fc=dict(L=s, L_inv=1.1 * exact)), 2, eps,
+        out = root_diagnostics(dict(fc=dict(L=s, L_root=1.1 * exact)), 2, eps,
                                relative)
         assert float(out['root_error']) == pytest.approx(0.21, rel=1e-4)
         assert 'newton_residual' not in out
@@ -101,13 +101,13 @@ def test_basis_drift_closed_form() -> None:
     assert float(out['basis_drift']) == pytest.approx(want, rel=1e-6)
 
 
-ROOT = dict(stat_interval=1, inv_interval=2)
+ROOT = dict(stat_interval=1, refresh_interval=2)
 RUNS = [
     (dict(type='SGDM_BK', lr=0.01, momentum=0.9, **ROOT), 'root_error'),
     (dict(type='AdamW_BK', lr=1e-4, weight_decay=0.05, **ROOT), 'root_error'),
     (dict(type='Shampoo', lr=0.01, momentum=0.9, **ROOT), 'root_error'),
     (dict(type='AdamR', lr=1e-4, weight_decay=0.05, stat_interval=1,
-          basis_interval=2), 'basis_drift'),
+          refresh_interval=2), 'basis_drift'),
 ]
 
 

@@ -50,7 +50,7 @@ def train_step(model, opt, x, y, scale):
     # gradient mean is the gradient of the concatenated batch
     loss = F.cross_entropy(model(x), y, reduction='sum') * scale
     opt.zero_grad()
-    if hasattr(opt, 'prepare_hessian'):
+    if getattr(opt, 'prepares_hessian', False):
         opt.prepare_hessian(loss)  # DDP rejects backward(create_graph=True)
     loss.backward()
     opt.step()
