@@ -143,7 +143,8 @@ class EngineProtocol:
 
     #: Whether the constructor passes the unwrapped model as ``model=``.
     requires_model: ClassVar[bool] = False
-    #: Whether :meth:`prepare_hessian` must run before each backward.
+    #: Whether ``prepare_hessian(loss)`` (defined by such an optimizer only,
+    #: e.g. SGD_PH) must run before each backward.
     prepares_hessian: ClassVar[bool] = False
     #: Whether the optimizer takes a second forward/backward on the same
     #: minibatch after some steps (:meth:`second_pass`).
@@ -159,14 +160,6 @@ class EngineProtocol:
 
         The default ignores it (the optimizer reads no gradient statistics).
         """
-
-    def prepare_hessian(self, loss: Tensor) -> None:
-        """Form this step's Hessian products from ``loss`` (before backward).
-
-        Only called when :attr:`prepares_hessian` is True.
-        """
-        raise NotImplementedError(
-            f'{type(self).__name__} declares no Hessian preparation')
 
     def second_pass_due(self) -> bool:
         """Whether the step about to run will want :meth:`second_pass`."""
