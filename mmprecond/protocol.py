@@ -24,7 +24,8 @@ member                            asked by, and the default
 ``uses_second_pass``,             ``SecondPassHook``: whether the step
 ``second_pass_due()``,            about to run needs a second pass, whether
 ``second_pass_pending()``,        the step just taken wants it now, and the
-``second_pass(closure, ...)``     pass itself (False; K-BFGS, SMW-NG)
+``second_pass(closure, ...)``     pass itself, defined only by such
+                                  optimizers (False; K-BFGS, SMW-NG)
 ``warm_start_remaining()``        ``WarmStartHook``: statistics-only steps
                                   still to take (0; K-BFGS, TNT)
 ``fallbacks``                     stats hook: the :class:`FallbackLog`
@@ -63,7 +64,6 @@ Example:
 from dataclasses import dataclass, field
 from typing import (
     Any,
-    Callable,
     ClassVar,
     Dict,
     Iterable,
@@ -143,10 +143,12 @@ class EngineProtocol:
 
     #: Whether the constructor passes the unwrapped model as ``model=``.
     requires_model: ClassVar[bool] = False
-    #: Whether :meth:`prepare_hessian` must run before each backward.
+    #: Whether ``prepare_hessian(loss)`` (defined by such an optimizer only,
+    #: e.g. SGD_PH) must run before each backward.
     prepares_hessian: ClassVar[bool] = False
     #: Whether the optimizer takes a second forward/backward on the same
-    #: minibatch after some steps (:meth:`second_pass`).
+    #: minibatch after some steps: it then defines
+    #: ``second_pass(closure, first_loss=None)`` (K-BFGS, SMW-NG).
     uses_second_pass: ClassVar[bool] = False
     #: Counts of every fallback taken (``FallbackLog``); None: no counters.
     fallbacks: Any = None
@@ -160,14 +162,6 @@ class EngineProtocol:
         The default ignores it (the optimizer reads no gradient statistics).
         """
 
-    def prepare_hessian(self, loss: Tensor) -> None:
-        """Form this step's Hessian products from ``loss`` (before backward).
-
-        Only called when :attr:`prepares_hessian` is True.
-        """
-        raise NotImplementedError(
-            f'{type(self).__name__} declares no Hessian preparation')
-
     def second_pass_due(self) -> bool:
         """Whether the step about to run will want :meth:`second_pass`."""
         return False
@@ -175,12 +169,6 @@ class EngineProtocol:
     def second_pass_pending(self) -> bool:
         """Whether the step just taken waits for :meth:`second_pass`."""
         return False
-
-    def second_pass(self, closure: Callable[[], Tensor],
-                    first_loss: Optional[Tensor] = None) -> None:
-        """Run ``closure`` (the loss on the same minibatch) and use it."""
-        raise NotImplementedError(
-            f'{type(self).__name__} declares no second pass')
 
     def warm_start_remaining(self) -> int:
         """Statistics-only steps still to take before parameters move."""

@@ -131,4 +131,5 @@ def test_stats_hook_logs_the_familys_own_diagnostic(tiny_coco, tmp_path,
     if key == 'basis_drift':
         assert last[f'precond/{key}'] <= 1
     else:
-        assert 0 < last['precond/damping'] < last['precond/lambda_max']
+        # Shampoo's absolute damping prints as 0.0000
+        assert 0 <= last['precond/damping'] < last['precond/lambda_max']
