@@ -11,7 +11,7 @@ loss over the last ``--window`` steps divided by AdamW's on the same seed and
 batches; the table gives mean +- std over ``--seeds``.
 
 Variants (``--variants``; each is AdamR with the keyword arguments in
-:data:`VARIANTS` on top of ``stat_interval``/``basis_interval``, or a
+:data:`VARIANTS` on top of ``stat_interval``/``refresh_interval``, or a
 reference):
 
 * ``adamw``: ``torch.optim.AdamW`` (the denominator);
@@ -53,9 +53,9 @@ VARIANTS: Dict[str, dict] = {
     "'rotate' + power step every T_s": dict(moment_projection='rotate',
                                              power_interval='stat'),
     "'rotate', eigh every T_s": dict(moment_projection='rotate',
-                                     basis_interval='stat'),
+                                     refresh_interval='stat'),
     'eigh once at T_s, then only power steps every T_s': dict(
-        basis_interval=10**9, first_basis='stat_interval',
+        refresh_interval=10**9, first_basis='stat_interval',
         power_interval='stat', moment_projection='rotate'),
 }
 
@@ -132,16 +132,16 @@ def train(problem: LeastSquares, make_opt: Callable[[nn.Module], object],
     return losses
 
 
-def adamr_factory(lr: float, stat_interval: int, basis_interval: int,
+def adamr_factory(lr: float, stat_interval: int, refresh_interval: int,
                   variant: dict) -> Callable[[nn.Module], object]:
     """An ``AdamR`` builder with ``wd = 0`` and a variant's arguments.
 
-    A variant's ``'stat'`` for ``basis_interval`` / ``power_interval``
+    A variant's ``'stat'`` for ``refresh_interval`` / ``power_interval``
     stands for ``stat_interval``.
     """
     from mmprecond.optim import AdamR
-    kwargs = dict(dict(basis_interval=basis_interval), **variant)
-    for key in ('power_interval', 'basis_interval'):
+    kwargs = dict(dict(refresh_interval=refresh_interval), **variant)
+    for key in ('power_interval', 'refresh_interval'):
         if kwargs.get(key) == 'stat':
             kwargs[key] = stat_interval
     return lambda m: AdamR(m.parameters(), model=m, lr=lr, weight_decay=0.0,
@@ -190,13 +190,13 @@ def main() -> None:
                 losses = train(
                     problem,
                     adamr_factory(args.lr, args.stat_interval,
-                                  args.basis_interval, VARIANTS[variant]),
+                                  args.refresh_interval, VARIANTS[variant]),
                     args.steps)
             seconds[variant] += time.perf_counter() - start
             ratios[variant].append(final_loss(losses, args.window) / ref)
             areas[variant].append(sum(losses) / ref_area)
     print(f'\n{args.steps} steps, lr {args.lr}, T_s={args.stat_interval}, '
-          f'T_u={args.basis_interval}, drift {args.drift}, seeds {args.seeds};'
+          f'T_u={args.refresh_interval}, drift {args.drift}, seeds {args.seeds};'
           f' final loss (mean of the last {args.window}) and mean loss of '
           'all steps, each / AdamW\'s')
     print('| variant | final loss / AdamW | mean loss / AdamW | s/run |')

@@ -91,7 +91,7 @@ def build_config(variant: str, seed: int, args: argparse.Namespace) -> Config:
     kwargs = dict(lr=args.lr, weight_decay=args.weight_decay)
     if kind == 'AdamR':
         kwargs.update(stat_interval=args.stat_interval,
-                      basis_interval=args.basis_interval,
+                      refresh_interval=args.refresh_interval,
                       max_factor_dim=args.max_factor_dim, **extra)
         if kwargs.get('power_interval') == 'stat':
             kwargs['power_interval'] = args.stat_interval
@@ -127,7 +127,7 @@ def train_one(variant: str, seed: int, args: argparse.Namespace) -> Dict[str, An
     losses, w = recorder.losses, args.window
     out = dict(
         task=args.task, variant=variant, seed=seed, iters=args.iters,
-        stat_interval=args.stat_interval, basis_interval=args.basis_interval,
+        stat_interval=args.stat_interval, refresh_interval=args.refresh_interval,
         first_loss=sum(losses[:w]) / w, final_loss=sum(losses[-w:]) / w,
         metric=float(metrics[METRIC[args.task]]), train_s=train_s)
     optimizer = runner.optim_wrapper.optimizer
@@ -146,7 +146,7 @@ def summarize(path: str, task: str) -> None:
     for r in runs:
         if r['task'] == task:
             key = (r['variant'], r['iters'], r['stat_interval'],
-                   r['basis_interval'])
+                   r['refresh_interval'])
             rows.setdefault(key, []).append(r)
     name = 'bbox mAP' if task == 'det' else 'top-1 (%)'
     print(f'| variant | iters | T_s / T_u | seeds | final loss | {name} |')

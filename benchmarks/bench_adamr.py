@@ -84,7 +84,7 @@ def main() -> None:
         AdamW=build(models['AdamW'], optim_wrapper('AdamW', **hp)),
         AdamR=build(models['AdamR'], optim_wrapper(
             'AdamR', stat_interval=args.stat_interval,
-            basis_interval=args.basis_interval,
+            refresh_interval=args.refresh_interval,
             max_factor_dim=args.max_factor_dim, **hp)))
     times: Dict[str, List[float]] = {name: [] for name in models}
     for it in range(args.iters):
@@ -97,7 +97,7 @@ def main() -> None:
             sync(args.device)
             times[name].append(time.perf_counter() - start)
 
-    s, u, skip = args.stat_interval, args.basis_interval, 2
+    s, u, skip = args.stat_interval, args.refresh_interval, 2
     adamw = statistics.median(times['AdamW'][skip:])
     kinds: Dict[str, List[float]] = dict(rotated=[], statistics=[], basis=[])
     for t, dt in enumerate(times['AdamR']):

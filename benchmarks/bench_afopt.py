@@ -145,7 +145,7 @@ def main() -> None:
     base = MODELS.build(cfg.model).to(args.device)
     base.init_weights()
     intervals = dict(stat_interval=args.stat_interval,
-                     inv_interval=args.inv_interval)
+                     refresh_interval=args.refresh_interval)
     models, wrappers = {}, {}
     for name, _, hp in OPTIMIZERS:
         models[name] = copy.deepcopy(base)
@@ -162,7 +162,7 @@ def main() -> None:
             sync(args.device)
             times[name].append(time.perf_counter() - start)
 
-    s, u = args.stat_interval, args.inv_interval
+    s, u = args.stat_interval, args.refresh_interval
     rows = {}
     for name, baseline, _ in OPTIMIZERS:
         if name == baseline:

@@ -75,7 +75,7 @@ def build(name: str, model: nn.Module) -> torch.optim.Optimizer:
     cls_name, kw, _ = OPTIMIZERS[name]
     if hasattr(ours, cls_name):
         cls = getattr(ours, cls_name)
-        interval = 'basis_interval' if cls_name == 'AdamR' else 'inv_interval'
+        interval = 'refresh_interval' if cls_name == 'AdamR' else 'refresh_interval'
         return cls(model.parameters(), model=model, stat_interval=STAT,
                    **{interval: INV}, **kw)
     return getattr(torch.optim, cls_name)(model.parameters(), **kw)

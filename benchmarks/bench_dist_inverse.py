@@ -49,12 +49,12 @@ def worker(rank: int, world: int, port: int, widths: List[int], shard: bool,
     layers = [nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])]
     model = nn.Sequential(*layers)
     if kind == 'nkfac':
-        opt = NKFAC(model.parameters(), model=model, shard_inverses=shard,
-                    inv_interval=1000)
+        opt = NKFAC(model.parameters(), model=model, shard_refresh=shard,
+                    refresh_interval=1000)
         refresh_step = 3000  # a Newton refresh of every factor
     else:
-        opt = AdamR(model.parameters(), model=model, shard_basis=shard,
-                    basis_interval=1000)
+        opt = AdamR(model.parameters(), model=model, shard_refresh=shard,
+                    refresh_interval=1000)
         refresh_step = 1000  # an eigendecomposition of every factor
     model(torch.randn(4 * max(widths), widths[0])).square().mean().backward()
     opt.step()

@@ -124,8 +124,8 @@ def measure(name: str, model0: torch.nn.Module, images: List[torch.Tensor],
 
     iteration()  # step 0: first statistics and preconditioners
     iteration()
-    if hasattr(opt, 'basis_interval'):  # AdamR: rotate every layer first
-        opt.update_preconditioners(opt.basis_interval)
+    if hasattr(opt, 'refresh_interval'):  # AdamR: rotate every layer first
+        opt.update_preconditioners(opt.refresh_interval)
     row: Dict[str, object] = {}
     if sync_check:  # count syncs inside step() on plain and statistics steps
         plain_counts: List[int] = []
@@ -147,25 +147,25 @@ def measure(name: str, model0: torch.nn.Module, images: List[torch.Tensor],
         row['syncs_stat'] = stat_counts
     row['plain'] = timed(iteration, iters)
     row['iter'] = row['plain']
-    if hasattr(opt, 'inv_interval'):
-        s_int, i_int = opt.stat_interval, opt.inv_interval
+    if hasattr(opt, 'refresh_interval'):
+        s_int, i_int = opt.stat_interval, opt.refresh_interval
         c = opt.exact_inv_period
-        opt.stat_interval, opt.inv_interval = 1, 10**9
+        opt.stat_interval, opt.refresh_interval = 1, 10**9
         opt.capture.active = True
         row['stat'] = timed(iteration, max(3, iters // 2))
-        opt.stat_interval, opt.inv_interval = s_int, i_int
+        opt.stat_interval, opt.refresh_interval = s_int, i_int
         row['newton'] = timed(lambda: opt.update_preconditioners(3 * i_int), 2)
         row['exact'] = timed(lambda: opt.update_preconditioners(0), 2)
         row['iter'] = (row['plain'] + (row['stat'] - row['plain']) / s_int +
                        row['newton'] / i_int +
                        (row['exact'] - row['newton']) / (c * i_int))
         row['intervals'] = [s_int, i_int, c]
-    elif hasattr(opt, 'basis_interval'):
-        s_int, u_int = opt.stat_interval, opt.basis_interval
-        opt.stat_interval, opt.basis_interval = 1, 10**9
+    elif hasattr(opt, 'refresh_interval'):
+        s_int, u_int = opt.stat_interval, opt.refresh_interval
+        opt.stat_interval, opt.refresh_interval = 1, 10**9
         opt.capture.active = True
         row['stat'] = timed(iteration, max(3, iters // 2))
-        opt.stat_interval, opt.basis_interval = s_int, u_int
+        opt.stat_interval, opt.refresh_interval = s_int, u_int
         row['basis'] = timed(lambda: opt.update_preconditioners(u_int), 2)
         # the timed basis refreshes made every layer rotated: re-time plain
         row['plain'] = timed(iteration, iters)

@@ -65,7 +65,7 @@ def build(width: int, mode: str):
     from mmprecond.optim import NKFAC
     model = Net(width)
     opt = NKFAC(model.parameters(), model=model, lr=0.05, stat_interval=STAT,
-                inv_interval=INV, reduce_statistics=mode, shard_inverses=False)
+                refresh_interval=INV, reduce_statistics=mode, shard_refresh=False)
     return model, opt
 
 

@@ -101,13 +101,13 @@ def measure_optimizer(model: torch.nn.Module, opt_cfg: dict, batches: List[dict]
     train_iter()  # step 0: first statistics and exact inverses
     t_plain = mean_time(train_iter, iters)
     row = dict(plain=t_plain, iter=t_plain, mem=state_bytes(opt))
-    if not hasattr(opt, 'inv_interval'):
+    if not hasattr(opt, 'refresh_interval'):
         return row
-    s_int, i_int, c = opt.stat_interval, opt.inv_interval, opt.exact_inv_period
-    opt.stat_interval, opt.inv_interval = 1, 10**9
+    s_int, i_int, c = opt.stat_interval, opt.refresh_interval, opt.exact_inv_period
+    opt.stat_interval, opt.refresh_interval = 1, 10**9
     opt.capture.active = True
     t_stat = mean_time(train_iter, max(3, iters // 2))
-    opt.stat_interval, opt.inv_interval = s_int, i_int
+    opt.stat_interval, opt.refresh_interval = s_int, i_int
     newton_step = 3 * i_int  # neither early nor a multiple of C*T
     t_newton = mean_time(lambda: opt.update_preconditioners(newton_step), 2)
     t_exact = mean_time(lambda: opt.update_preconditioners(0), 2)

@@ -33,13 +33,13 @@ LOADERS="train_dataloader.num_workers=1 val_dataloader.num_workers=1"
 # $1: SGD-family hyper-parameters (the AdamW family keeps the config's);
 # $2 / $3: statistics / refresh interval (inverses, AdamR's basis)
 settings() {
-  local iv="$O.stat_interval=$2;$O.inv_interval=$3"
+  local iv="$O.stat_interval=$2;$O.refresh_interval=$3"
   echo "sgd:$O.type=SGD;$1"
   echo "adamw:"
   echo "nkfac:$PRE;$O.type=NKFAC;$1;$iv"
   echo "adankfac:$PRE;$O.type=AdaNKFAC;$iv"
   echo "kfac:$PRE;$O.type=KFAC;$1;$iv"
-  echo "adamr:$PRE;$O.type=AdamR;$O.stat_interval=$2;$O.basis_interval=$3"
+  echo "adamr:$PRE;$O.type=AdamR;$O.stat_interval=$2;$O.refresh_interval=$3"
   if [[ $WITH_PEERS == 1 ]]; then
     # SOAP (Adam-like) keeps AdamW's lr / wd.  Shampoo (pytorch-optimizer's
     # AdaGrad-like sums, inverse 2k-th roots of a k-dim tensor) does not
@@ -57,7 +57,7 @@ settings() {
 
 # the attention-aware family (FSGD / FAdam / AFOpt / Ada_AFOpt), for Swin
 afopt_settings() {
-  local iv="$O.stat_interval=$2;$O.inv_interval=$3"
+  local iv="$O.stat_interval=$2;$O.refresh_interval=$3"
   echo "sgd:$O.type=SGD;$1"
   echo "adamw:"
   echo "fsgd:$PRE;$O.type=FSGD;$1;$iv"

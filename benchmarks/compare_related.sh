@@ -23,13 +23,13 @@ O=optim_wrapper.optimizer
 PRE="optim_wrapper.constructor=PrecondOptimWrapperConstructor"
 SGDM="$O.lr=0.05;$O.momentum=0.9;$O.weight_decay=1e-4"
 # 32 iterations per epoch: statistics every 4, refreshes every 20
-IV="$O.stat_interval=4;$O.inv_interval=20"
+IV="$O.stat_interval=4;$O.refresh_interval=20"
 SETTINGS=(
   "sgd:$O.type=SGD;$SGDM"
   "adamw:"
   "sgdm_bk:$PRE;$O.type=SGDM_BK;$SGDM;$IV"
   "adamw_bk:$PRE;$O.type=AdamW_BK;$IV"
-  "shampoo:$PRE;$O.type=Shampoo;$SGDM;$O.stat_interval=1;$O.inv_interval=20"
+  "shampoo:$PRE;$O.type=Shampoo;$SGDM;$O.stat_interval=1;$O.refresh_interval=20"
   "sgd_ph:$PRE;optim_wrapper.type=HessianOptimWrapper;$O.type=SGD_PH;$SGDM"
   "adafisherw:$PRE;$O.type=AdaFisherW;$O.stat_interval=4"
 )

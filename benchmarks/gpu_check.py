@@ -56,10 +56,10 @@ import torch.nn.functional as F
 BY_DESIGN = ('SGD_PH', 'KBFGS', 'KBFGS_L', 'TNT', 'TNT_EF', 'SMW_NG',
              'SMW_GN')
 #: Statistics every step, refreshes every second step (check 1).
-SHORT = dict(stat_interval=1, inv_interval=2, basis_interval=2,
+SHORT = dict(stat_interval=1, refresh_interval=2, refresh_interval=2,
              curvature_interval=2)
 #: Statistics every second step, a refresh at step 4 (check 2).
-SPARSE = dict(stat_interval=2, inv_interval=4, basis_interval=4,
+SPARSE = dict(stat_interval=2, refresh_interval=4, refresh_interval=4,
               curvature_interval=4)
 
 
@@ -305,7 +305,7 @@ def _r50_memory(device: str, small: bool) -> List[List[str]]:
         weights=None, weights_backbone=None, trainable_backbone_layers=5,
         min_size=h, max_size=w).to(device).train()
     opt = NKFAC(model.parameters(), model=model, lr=2e-3, weight_decay=1e-4,
-                stat_interval=2, inv_interval=10_000)
+                stat_interval=2, refresh_interval=10_000)
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, h, w, generator=g).to(device) for _ in range(2)]
     boxes = torch.tensor([[10., 20., 200., 220.], [50., 60., 300., 280.]])

@@ -6,5 +6,5 @@ _base_ = './resnet32_tnt_cifar10.py'
 
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='TNT_EF', lr=1e-4, weight_decay=10.0,
-                   abs_damping=0.01, momentum=0.9, stat_interval=10,
+                   damping=0.01, momentum=0.9, stat_interval=10,
                    refresh_interval=100, warm_start_iters=50))

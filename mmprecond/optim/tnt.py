@@ -197,7 +197,7 @@ class TNT(Optimizer, EngineProtocol):
         damping (float): ``eps``. Defaults to 0.01.
         weight_decay (float): ``gamma``, added after preconditioning.
         stat_interval (int): ``T1``. Defaults to 10.
-        inv_interval (int): ``T2``. Defaults to 100.
+        refresh_interval (int): ``T2``. Defaults to 100.
         warm_start_iters (int): Statistics-only iterations before training.
         max_factor_dim (int): Widest mode that gets a factor.
         fisher (str): ``'sampled'`` (TNT) or ``'empirical'`` (TNT-EF: the
@@ -218,7 +218,7 @@ class TNT(Optimizer, EngineProtocol):
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> opt = TNT(model.parameters(), model=model, lr=0.01,
-        ...           logits_module='2', stat_interval=1, inv_interval=1)
+        ...           logits_module='2', stat_interval=1, refresh_interval=1)
         >>> F.cross_entropy(model(torch.randn(5, 4)),
         ...                 torch.tensor([0, 1, 2, 0, 1])).backward()
         >>> opt.step()
@@ -236,7 +236,7 @@ class TNT(Optimizer, EngineProtocol):
                  damping: float = 0.01,
                  weight_decay: float = 0.0,
                  stat_interval: int = 10,
-                 inv_interval: int = 100,
+                 refresh_interval: int = 100,
                  warm_start_iters: int = 0,
                  max_factor_dim: int = 4096,
                  fisher: Optional[str] = None,
@@ -249,12 +249,12 @@ class TNT(Optimizer, EngineProtocol):
         check_positive('damping', damping)
         check_positive('weight_decay', weight_decay, allow_zero=True)
         for name, v in (('stat_interval', stat_interval),
-                        ('inv_interval', inv_interval),
+                        ('refresh_interval', refresh_interval),
                         ('max_factor_dim', max_factor_dim)):
             if int(v) < 1:
                 raise ValueError(f'Invalid {name}: {v} (>= 1)')
-        check_refresh_interval(type(self).__name__, 'inv_interval',
-                               int(inv_interval), int(stat_interval))
+        check_refresh_interval(type(self).__name__, 'refresh_interval',
+                               int(refresh_interval), int(stat_interval))
         if int(warm_start_iters) < 0:
             raise ValueError(f'Invalid warm_start_iters: {warm_start_iters}')
         fisher = fisher or self.fisher_default
@@ -266,7 +266,7 @@ class TNT(Optimizer, EngineProtocol):
         self.stat_decay = float(stat_decay)
         self.damping = float(damping)
         self.stat_interval = int(stat_interval)
-        self.inv_interval = int(inv_interval)
+        self.refresh_interval = int(refresh_interval)
         self.warm_start_iters = int(warm_start_iters)
         self.max_factor_dim = int(max_factor_dim)
         self.fisher = fisher
@@ -309,7 +309,7 @@ class TNT(Optimizer, EngineProtocol):
 
     def _is_refresh_step(self, t: int) -> bool:
         k = self._k(t)
-        return k >= 0 and k % self.inv_interval == 0
+        return k >= 0 and k % self.refresh_interval == 0
 
     def factored_modes(self, p: Tensor) -> Tuple[Tuple[int, ...], List[int]]:
         """``(dims, factored mode indices)`` of a parameter."""

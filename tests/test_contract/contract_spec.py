@@ -23,7 +23,7 @@ import mmprecond  # noqa: F401 (registers the optimizers)
 #: Classes, input channels / side, and the batch of one step.
 CLASSES, CHANNELS, SIDE, BATCH = 5, 3, 4, 8
 #: Shortened intervals: statistics every step, refreshes every second one.
-SHORT = dict(stat_interval=1, refresh_interval=2, inv_interval=2,
+SHORT = dict(stat_interval=1, refresh_interval=2,
              curvature_interval=2)
 
 

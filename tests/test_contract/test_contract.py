@@ -314,7 +314,7 @@ def test_resume(name):
 def test_host_reads(name):
     cls = OPTIMIZERS[name]
     model = Net(0)
-    intervals = dict(stat_interval=2, refresh_interval=4, inv_interval=4,
+    intervals = dict(stat_interval=2, refresh_interval=4,
                      curvature_interval=4)
     opt = build(cls, model, **intervals)
     data = batches(8)

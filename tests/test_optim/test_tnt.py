@@ -62,7 +62,7 @@ def test_direction_equals_explicit_kronecker_inverse():
     w0 = conv.weight.detach().clone()
     lr, eps = 0.1, 0.05
     opt = TNT_EF(conv.parameters(), lr=lr, damping=eps, stat_interval=1,
-                 inv_interval=1, max_step_ratio=0)  # the unclipped step
+                 refresh_interval=1, max_step_ratio=0)  # the unclipped step
     conv(torch.randn(5, 3, 4, 4)).pow(2).mean().backward()
     g = conv.weight.grad.detach().clone().reshape(4, 3, 4).double()
     opt.step()
@@ -84,7 +84,7 @@ def test_degenerate_equals_sgd_momentum():
     model = copy.deepcopy(ref)
     opt = TNT(model.parameters(), model=model, lr=0.05, momentum=0.9,
               max_factor_dim=1, logits_module='7', stat_interval=1,
-              inv_interval=1)
+              refresh_interval=1)
     sgd = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     _train(model, opt, x, y, 0, 6)
     _train(ref, sgd, x, y, 0, 6)
@@ -120,7 +120,7 @@ def test_tnt_and_tnt_ef_train_small_cnn():
     for cls, kw in ((TNT, dict(logits_module='7')), (TNT_EF, {})):
         model = small_cnn()
         opt = cls(model.parameters(), model=model, lr=0.003, damping=0.1,
-                  stat_interval=2, inv_interval=4, warm_start_iters=2, **kw)
+                  stat_interval=2, refresh_interval=4, warm_start_iters=2, **kw)
         losses = _train(model, opt, x, y, 0, 40)
         first, last = sum(losses[2:6]) / 4, sum(losses[-4:]) / 4
         assert last < 0.3 * first, (cls.__name__, first, last)
@@ -133,7 +133,7 @@ def test_warm_start_holds_parameters():
     model = small_cnn()
     before = copy.deepcopy(model.state_dict())
     opt = TNT(model.parameters(), model=model, logits_module='7',
-              warm_start_iters=3, stat_interval=5, inv_interval=7)
+              warm_start_iters=3, stat_interval=5, refresh_interval=7)
     model.eval()  # BN running stats aside: parameters must not move
     _train(model, opt, x, y, 0, 3)
     for k, v in model.state_dict().items():
@@ -142,7 +142,7 @@ def test_warm_start_holds_parameters():
     assert st.get('stat_count', 0) == 0 and 'Q0' not in st  # eval: no sampling
     model.train()
     opt2 = TNT(model.parameters(), model=model, logits_module='7',
-               warm_start_iters=3, stat_interval=5, inv_interval=7)
+               warm_start_iters=3, stat_interval=5, refresh_interval=7)
     _train(model, opt2, x, y, 0, 3)
     st = opt2.state[model[7].weight]
     assert st['stat_count'] == 3 and 'Q0' in st
@@ -151,7 +151,7 @@ def test_warm_start_holds_parameters():
 
 def test_resume_equals_uninterrupted():
     x, y = quadrant_task()
-    kw = dict(lr=0.01, damping=0.1, stat_interval=2, inv_interval=3,
+    kw = dict(lr=0.01, damping=0.1, stat_interval=2, refresh_interval=3,
               warm_start_iters=1, weight_decay=0.01, logits_module='7')
     full = small_cnn()
     opt = TNT(full.parameters(), model=full, **kw)
@@ -249,7 +249,7 @@ def test_nonfinite_gradient_skips_step_on_device():
     torch.manual_seed(0)
     model = _TwoHeads()
     x = torch.randn(32, 8)
-    opt = TNT_EF(model.parameters(), lr=1e-2, stat_interval=1, inv_interval=2)
+    opt = TNT_EF(model.parameters(), lr=1e-2, stat_interval=1, refresh_interval=2)
     for _ in range(3):
         opt.zero_grad()
         model(x).pow(2).mean().backward()

@@ -23,7 +23,7 @@ def test_tnt_ef_config_trains_faster_rcnn(tiny_coco, tmp_path):
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     cfg.test_cfg = cfg.test_dataloader = cfg.test_evaluator = None
     cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
-    cfg.optim_wrapper.optimizer.inv_interval = 10
+    cfg.optim_wrapper.optimizer.refresh_interval = 10
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=10**6)
     cfg.work_dir = str(tmp_path)
     runner = Runner.from_cfg(cfg)
