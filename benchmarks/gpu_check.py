@@ -56,10 +56,10 @@ import torch.nn.functional as F
 BY_DESIGN = ('SGD_PH', 'KBFGS', 'KBFGS_L', 'TNT', 'TNT_EF', 'SMW_NG',
              'SMW_GN')
 #: Statistics every step, refreshes every second step (check 1).
-SHORT = dict(stat_interval=1, refresh_interval=2, refresh_interval=2,
+SHORT = dict(stat_interval=1, refresh_interval=2,
              curvature_interval=2)
 #: Statistics every second step, a refresh at step 4 (check 2).
-SPARSE = dict(stat_interval=2, refresh_interval=4, refresh_interval=4,
+SPARSE = dict(stat_interval=2, refresh_interval=4,
               curvature_interval=4)
 
 

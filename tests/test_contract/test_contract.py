@@ -438,7 +438,8 @@ def build_runner(name: str, work_dir: str, seed: int, max_iters: int,
     The optimizer comes from the project's constructor; the optim wrapper
     and hooks are what the optimizer's own protocol asks for (the Hessian
     wrapper for ``prepares_hessian``, :class:`SecondPassHook` for
-    ``uses_second_pass``; see :mod:`mmprecond.protocol`), so a new optimizer needs no entry here.
+    ``uses_second_pass``; see :mod:`mmprecond.protocol`), so a new optimizer
+    needs no entry here.
     """
     cls = OPTIMIZERS[name]
     wrapper = ('HessianOptimWrapper' if getattr(cls, 'prepares_hessian', False)
