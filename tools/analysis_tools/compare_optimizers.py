@@ -10,7 +10,9 @@ too) and writes, into ``--out-dir``:
 
 * ``loss_vs_iter.png``, ``loss_vs_time.png``: training loss (mean over
   seeds, band = min..max) against the iteration and the training seconds;
-* ``metric_vs_iter.png``: validation bbox AP / mask AP / top-1;
+* ``metric_vs_iter.png``, ``metric_vs_time.png``: validation bbox AP /
+  mask AP / top-1 (``--val-points K``: K validations per run) against the
+  iteration and the training seconds;
 * ``phase_seconds.png``: seconds per iteration in forward + backward,
   statistics, refresh, precondition and the base step;
 * ``state_memory.png``: optimizer-state memory;
@@ -25,6 +27,13 @@ An optimizer setting is one of::
     CONFIG.py                      # the same, named after the file
     'NAME:key=value;key=value'     # --cfg-options fragments for this setting
 
+Equal wall-clock instead of equal iterations (``--time-budget SECONDS``
+or ``--match-time REF``): every setting's s / iter is calibrated in a short
+run (``--calibrate-iters``), its length set to what fills the budget and
+its schedule stretched to it; ``results.md`` then adds the metric at equal
+time and the seconds to reach the reference's final metric (see
+``docs/benchmarks.md``, "Equal wall-clock").
+
 Finished runs are skipped when the tool is started again and interrupted
 ones resume from their last checkpoint, so it can be stopped at any time;
 ``--report-only`` tabulates the finished runs without training.
@@ -38,6 +47,14 @@ Examples::
             'sgd:optim_wrapper.optimizer.type=SGD;optim_wrapper.optimizer.lr=0.02' \\
             adankfac=configs/demo/faster-rcnn_r18-tiny_fpn_adankfac_synthetic.py \\
         --seeds 0 1 2 --max-iters 300 --work-dir work_dirs/compare
+
+    # the same two at equal wall-clock: AdamW's seconds for 300 iterations
+    python tools/analysis_tools/compare_optimizers.py \\
+        configs/demo/faster-rcnn_r18-tiny_fpn_adamw_synthetic.py \\
+        --optimizers adamw: \\
+            adankfac=configs/demo/faster-rcnn_r18-tiny_fpn_adankfac_synthetic.py \\
+        --seeds 0 1 2 --max-iters 300 --match-time adamw --val-points 5 \\
+        --work-dir work_dirs/compare_time
 
     # a zoo config on real COCO (data/coco) with two zoo optimizers
     python tools/analysis_tools/compare_optimizers.py \\
