@@ -1,12 +1,14 @@
 # Copyright (c) mmprecond contributors. All rights reserved.
 """compare_optimizers.py's time-matched mode end to end on the demo detector.
 
-Two settings of different cost (AdamW and AdaNKFAC, about 2x AdamW's time
-per iteration on this detector), one seed, a budget of a few seconds: the
-tool calibrates each setting's s / iter, gives each the iterations that fill
-the budget, stretches its schedule to them, and the realised training
-wall-clock (read from each run's own log, not from the plan) matches within
-10 %.
+Two settings, AdamW and PeerMuon (Newton-Schulz steps on every hidden
+weight: a higher, uniform cost per iteration), one seed, a budget of a few
+seconds: the tool calibrates each setting's s / iter, gives each the
+iterations that fill the budget, stretches its schedule to them, and the
+realised training wall-clock (read from each run's own log, not from the
+plan) matches within 10 %.  (AdaNKFAC, whose refreshes make a periodic
+cost, gets only 2-4 iterations of such a budget here, too few to average
+its refresh period: 18-65 % apart in three tries on this loaded machine.)
 """
 import json
 import sys
@@ -18,12 +20,13 @@ from conftest import DEMO_DET_CONFIG, TOOLS_DIR, run_command
 
 pytest.importorskip('mmdet')
 pytest.importorskip('mmcv.ops')
+pytest.importorskip('pytorch_optimizer')
 
 pytestmark = pytest.mark.slow
 
 OPT = 'optim_wrapper.optimizer'
-ADANKFAC = (f'adankfac:optim_wrapper.constructor=PrecondOptimWrapperConstructor;'
-            f'{OPT}.type=AdaNKFAC;{OPT}.stat_interval=2;{OPT}.inv_interval=4')
+MUON = (f'peer_muon:optim_wrapper.constructor=PrecondOptimWrapperConstructor;'
+        f'{OPT}.type=PeerMuon')
 BUDGET = 10.0
 
 
@@ -61,7 +64,7 @@ def test_time_matched_budgets_agree(coco64, tmp_path):
     work = tmp_path / 'compare'
     proc = run_command([
         sys.executable, TOOLS_DIR / 'analysis_tools' / 'compare_optimizers.py',
-        DEMO_DET_CONFIG, '--optimizers', 'adamw:', ADANKFAC, '--seeds', 0,
+        DEMO_DET_CONFIG, '--optimizers', 'adamw:', MUON, '--seeds', 0,
         '--time-budget', BUDGET, '--calibrate-iters', 12, '--log-interval', 2,
         '--val-points', 2, '--data-root', tiny_coco, '--work-dir', work,
         '--cfg-options', 'train_dataloader.num_workers=0',
@@ -69,9 +72,11 @@ def test_time_matched_budgets_agree(coco64, tmp_path):
         'val_dataloader.num_workers=0', 'val_dataloader.persistent_workers=False'
     ], timeout=600)
     plan = json.loads((work / 'time_plan.json').read_text())['settings']
-    iters = {n: plan[n]['length'] for n in ('adamw', 'adankfac')}
-    # the cheaper optimizer gets more iterations
-    assert iters['adamw'] > iters['adankfac']
+    iters = {n: plan[n]['length'] for n in ('adamw', 'peer_muon')}
+    for name, n in iters.items():  # the budget over the calibrated rate
+        p = plan[name]
+        assert n == max(2, round((BUDGET - p['startup_s'])
+                                 / p['s_per_iter'] / 2) * 2)
     seconds = {}
     for name, n in iters.items():
         run = work / name / 'seed0'
@@ -81,7 +86,7 @@ def test_time_matched_budgets_agree(coco64, tmp_path):
         cfg = (work / name / 'config.py').read_text()
         assert f'max_iters={n},' in cfg.replace(' ', '')
         assert f'end={n},' in cfg.replace(' ', '')
-    ratio = seconds['adankfac'] / seconds['adamw']
+    ratio = seconds['peer_muon'] / seconds['adamw']
     assert abs(ratio - 1) <= 0.10, (seconds, iters)
     summary = json.loads((work / 'summary.json').read_text())
     assert summary['equal_time_s'] == BUDGET
@@ -94,3 +99,39 @@ def test_time_matched_budgets_agree(coco64, tmp_path):
             round(iters[name] / 2 / 2) * 2, iters[name]]
         assert 0 < curve[0]['seconds'] < curve[1]['seconds']
     assert f'at {BUDGET:.0f} s' in proc.stdout
+
+
+def tool():
+    sys.path.insert(0, str(TOOLS_DIR / 'analysis_tools'))
+    import compare_optimizers
+    return compare_optimizers
+
+
+def test_set_length_stretches_the_demo_schedule():
+    """The demo detector's warm-up + cosine, and a MultiStepLR's milestones,
+    keep their share of the run when its length is planned."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(DEMO_DET_CONFIG))
+    cfg.param_scheduler.append(
+        dict(type='MultiStepLR', by_epoch=False, milestones=[500, 800]))
+    tool().set_length(cfg, 2500)
+    warm, cosine, steps = cfg.param_scheduler
+    assert cfg.train_cfg.max_iters == 2500
+    assert (warm.begin, warm.end) == (0, 250)
+    assert (cosine.begin, cosine.end, cosine.T_max) == (250, 2500, 2250)
+    assert steps['milestones'] == [1250, 2000]
+
+
+def test_metric_at_equal_time_and_seconds_to_target():
+    run = dict(metric_time_curve=[(10.0, 0.1), (20.0, 0.3), (30.0, 0.4)])
+    t = tool()
+    assert t.metric_at_time(run, 15.0) == pytest.approx(0.2)
+    assert t.metric_at_time(run, 5.0) is None  # before the first validation
+    assert t.metric_at_time(run, 32.0) == 0.4  # within 10 % of the end
+    assert t.metric_at_time(run, 40.0) is None
+    assert t.seconds_to_metric(run, 0.25) == 20.0
+    assert t.seconds_to_metric(run, 0.5) is None
+    clock = {2: 1.0, 4: 3.0}
+    assert t.clock_at(clock, 3) == pytest.approx(2.0)
+    assert t.clock_at(clock, 1) == pytest.approx(0.5)
