@@ -184,11 +184,14 @@ def set_length(cfg: Config, length: int) -> None:
 
 
 def build_config(args: argparse.Namespace, name: str,
-                 how: Dict[str, Any], length: Optional[int] = None) -> Config:
+                 how: Dict[str, Any], length: Optional[int] = None,
+                 budget_s: Optional[float] = None) -> Config:
     """The config of setting ``name`` (seeds are set per run).
 
     ``length``: the run's iterations (epochs for an epoch-based config),
-    its schedule stretched to it (the time-matched plan).
+    its schedule stretched to it (the time-matched plan).  ``budget_s``:
+    the training seconds after which a :class:`~mmprecond.engine.TimeBudgetHook`
+    ends an iteration-based run (checked at the logged steps).
     """
     cfg = Config.fromfile(args.config)
     if 'config' in how:
@@ -237,6 +240,11 @@ def build_config(args: argparse.Namespace, name: str,
     cfg.custom_hooks = hooks + [
         dict(type='PrecondStatsHook', interval=logger.interval)
     ]
+    if budget_s is not None and not by_epoch:
+        cfg.custom_hooks = [h for h in cfg.custom_hooks
+                            if h.get('type') != 'TimeBudgetHook'] + [
+            dict(type='TimeBudgetHook', budget_s=budget_s,
+                 interval=logger.interval)]
     imports = cfg.get('custom_imports', {}).get('imports', [])
     if 'mmprecond' not in imports:
         cfg.custom_imports = dict(imports=list(imports) + ['mmprecond'],
@@ -351,9 +359,14 @@ def time_plan(args: argparse.Namespace,
 
     The budget is ``--time-budget`` seconds, or (``--match-time REF``) what
     REF's calibrated rate gives for the run's length (``--max-iters`` /
-    ``--max-epochs`` / the config's).  A setting gets ``(budget - start-up)
-    / (s / iter)`` iterations, rounded to whole logging intervals (whole
-    epochs for epoch-based configs), at least one.
+    ``--max-epochs`` / the config's).  A setting is planned ``(budget -
+    start-up) / (s / iter) * --overshoot`` iterations, rounded to whole
+    logging intervals (whole epochs for epoch-based configs), at least one;
+    in the runs a :class:`~mmprecond.engine.TimeBudgetHook` ends each
+    iteration-based run when its training seconds reach the budget, so the
+    plan is an upper bound and a slower machine than at calibration cuts
+    the run short of its schedule's tail instead of running over.  The
+    reference of ``--match-time`` keeps its own length (no overshoot).
     """
     calib = calibrate(args, settings)
     hows = dict(settings)
@@ -370,10 +383,12 @@ def time_plan(args: argparse.Namespace,
         budget = calib[ref]['startup_s'] + iters * calib[ref]['s_per_iter']
     else:
         budget = args.time_budget
-    plan: Dict[str, Any] = dict(budget_s=budget, settings={})
+    plan: Dict[str, Any] = dict(budget_s=budget, overshoot=args.overshoot,
+                                settings={})
     for name, _ in settings:
         cfg, c = base[name], calib[name]
-        iters = max(0.0, budget - c['startup_s']) / c['s_per_iter']
+        iters = max(0.0, budget - c['startup_s']) / c['s_per_iter'] \
+            * args.overshoot
         if 'max_epochs' in cfg.train_cfg:
             length = max(1, round(iters / c['iters_per_epoch']))
             unit = 'epochs'
@@ -404,7 +419,8 @@ def run_all(args: argparse.Namespace,
     cfg_paths = {}
     for name, how in settings:
         length = plan['settings'][name]['length'] if plan else None
-        cfg = build_config(args, name, how, length)
+        cfg = build_config(args, name, how, length,
+                           plan['budget_s'] if plan else None)
         ensure_data(cfg, args)
         setting_dir = osp.join(args.work_dir, name)
         os.makedirs(setting_dir, exist_ok=True)
@@ -718,6 +734,9 @@ def markdown(summary: Dict[str, Any], metric: str) -> str:
                 f"{fmt(row['seconds_to_ref_metric'], 1, n)} |")
         lines += [
             '',
+            '*iterations*: those run, read from the logs (in a '
+            'time-matched comparison the budget guard may end a run '
+            'before its planned length); '
             f'*training s*: training wall-clock read from the logs '
             f'(validation and checkpoints not counted); *at {t_eq:.0f} s* '
             f'({kind}): the validation metric interpolated in training '
@@ -867,6 +886,12 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                         help='iterations of the s / iter calibration of the '
                         'time-matched mode (epoch-based configs: one '
                         'epoch); default 50')
+    parser.add_argument('--overshoot', type=float, default=1.15,
+                        help='time-matched: plan this factor more iterations '
+                        'than the calibration predicts for the budget; a '
+                        'TimeBudgetHook ends each run at the budget (so a '
+                        'slower machine than at calibration does not run '
+                        'over); default 1.15')
     parser.add_argument('--log-interval', type=int,
                         help='logging interval (default: the config\'s)')
     parser.add_argument('--checkpoint-interval', type=int,
@@ -908,6 +933,8 @@ def main(argv: Optional[list] = None) -> int:
     reference = args.reference or ('adamw' if 'adamw' in names else names[0])
     if reference not in names:
         raise SystemExit(f'--reference {reference!r} is not among {names}')
+    if args.overshoot < 1:
+        raise SystemExit(f'--overshoot must be >= 1: {args.overshoot}')
     if not 0 < args.loss_window <= 1:
         raise SystemExit(f'--loss-window must be in (0, 1]: {args.loss_window}')
     plan = None
