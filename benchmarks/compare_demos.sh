@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The comparison of docs/benchmarks.md: the demo Faster R-CNN and the demo
 # ResNet-18 classifier, each with SGD, AdamW, NKFAC, AdaNKFAC, KFAC and AdamR
-# (plus pytorch-optimizer's SOAP and Shampoo and singd's SINGD when
+# (plus pytorch-optimizer's SOAP, Shampoo and Muon and singd's SINGD when
 # `pip install .[peers]` installed them), and the small Swin classifier with
 # SGD, AdamW, FSGD, FAdam, AFOpt and Ada_AFOpt; 3 seeds, the same budget,
 # through tools/analysis_tools/compare_optimizers.py. Finished runs are
@@ -11,6 +11,13 @@
 #
 # DET_ITERS / CLS_EPOCHS / SWIN_EPOCHS / SEEDS / WORK override the budget;
 # PEERS=0 leaves the peer optimizers out even when installed.
+# Equal wall-clock instead of equal iterations: MATCH_TIME=adamw (every
+# setting gets the training seconds AdamW needs for the budget above) or
+# TIME_BUDGET=SECONDS, with CALIBRATE_ITERS (default 50) iterations of
+# s / iter calibration per setting; VAL_POINTS=K validates K times per run.
+# Use another WORK for a time-matched comparison, e.g.
+#   MATCH_TIME=adamw VAL_POINTS=5 WORK=work_dirs/compare_time \
+#     bash benchmarks/compare_demos.sh det
 set -eo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -25,6 +32,10 @@ WHAT=${1:-all}
 # running seed groups in parallel, e.g. SEEDS="0 1" and SEEDS=2 at once)
 EXTRA=()
 [[ -n ${REPORT_ONLY:-} ]] && EXTRA+=(--report-only)
+[[ -n ${MATCH_TIME:-} ]] && EXTRA+=(--match-time "$MATCH_TIME")
+[[ -n ${TIME_BUDGET:-} ]] && EXTRA+=(--time-budget "$TIME_BUDGET")
+[[ -n ${CALIBRATE_ITERS:-} ]] && EXTRA+=(--calibrate-iters "$CALIBRATE_ITERS")
+[[ -n ${VAL_POINTS:-} ]] && EXTRA+=(--val-points "$VAL_POINTS")
 
 O=optim_wrapper.optimizer
 PRE="optim_wrapper.constructor=PrecondOptimWrapperConstructor"
@@ -48,7 +59,10 @@ settings() {
     # AdamW's per-step decay 1e-4 (fixed_decay).  SOAP's basis and Shampoo's
     # roots every refresh interval (an SVD per dimension, up to 3136 wide in
     # the detector); SINGD's preconditioner every statistics interval, on
-    # SGD's settings.
+    # SGD's settings.  Muon (Moonlight's lr scaling) on the hidden weights,
+    # AdamW on the 1-D parameters and the heads' final layers, both at
+    # AdamW's lr / wd; the constructor hands it the model for the names.
+    echo "peer_muon:$PRE;$O.type=PeerMuon"
     echo "peer_soap:$O.type=PeerSOAP;$O.precondition_frequency=$3"
     echo "peer_shampoo:$O.type=PeerShampoo;$O.lr=0.02;$O.weight_decay=1e-4;$O.weight_decouple=True;$O.fixed_decay=True;$O.preconditioning_compute_steps=$3"
     echo "peer_singd:$PRE;$O.type=PeerSINGD;$1;$O.T=$2"
@@ -64,6 +78,9 @@ afopt_settings() {
   echo "fadam:$PRE;$O.type=FAdam;$iv"
   echo "afopt:$PRE;$O.type=AFOpt;$1;$iv"
   echo "ada_afopt:$PRE;$O.type=Ada_AFOpt;$iv"
+  if [[ $WITH_PEERS == 1 ]]; then
+    echo "peer_muon:$PRE;$O.type=PeerMuon"
+  fi
 }
 
 WITH_PEERS=0

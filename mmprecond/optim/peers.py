@@ -11,6 +11,10 @@ MMEngine's root ``OPTIMIZERS``:
 * ``PeerShampoo``: ``pytorch_optimizer.Shampoo`` (V. Gupta et al., *Shampoo:
   Preconditioned Stochastic Tensor Optimization*, ICML 2018), unchanged;
   the name keeps it apart from mmprecond's own :class:`~.Shampoo`;
+* ``PeerMuon``: :class:`PeerMuon`, ``pytorch_optimizer.Muon`` (K. Jordan et
+  al., *Muon: An optimizer for hidden layers*, 2024; J. Liu et al., *Muon is
+  Scalable for LLM Training* (Moonlight), 2025) on the hidden weights, with
+  AdamW on the 1-D parameters and the heads' final layers;
 * ``PeerSINGD``: :class:`PeerSINGD`, ``singd.optim.optimizer.SINGD``
   (W. Lin et al., *Structured Inverse-Free Natural Gradient Descent*, ICML
   2024) on the Linear / Conv2d layers, with the SGD step for every other
@@ -32,7 +36,8 @@ from ..protocol import EngineProtocol, tensor_megabytes
 
 #: Names registered by this module, with the package each needs.
 PEER_PACKAGES = dict(PeerSOAP='pytorch_optimizer',
-                     PeerShampoo='pytorch_optimizer', PeerSINGD='singd')
+                     PeerShampoo='pytorch_optimizer', PeerSINGD='singd',
+                     PeerMuon='pytorch_optimizer')
 #: Keys of a parameter group that :class:`PeerSINGD` forwards to its parts.
 _SHARED_KEYS = ('lr', 'momentum', 'weight_decay')
 
@@ -254,7 +259,8 @@ class PeerSINGD(Optimizer, EngineProtocol):
 
 
 def register_peer_optimizers() -> List[str]:
-    """Register ``PeerSOAP`` / ``PeerShampoo`` when pytorch-optimizer is there.
+    """Register ``PeerSOAP`` / ``PeerShampoo`` / ``PeerMuon`` when
+    pytorch-optimizer is there.
 
     Returns:
         list[str]: The names registered by this call.
@@ -265,4 +271,141 @@ def register_peer_optimizers() -> List[str]:
     from pytorch_optimizer import Shampoo as _Shampoo
     OPTIMIZERS.register_module(name='PeerSOAP', module=SOAP)
     OPTIMIZERS.register_module(name='PeerShampoo', module=_Shampoo)
-    return ['PeerSOAP', 'PeerShampoo']
+    OPTIMIZERS.register_module(name='PeerMuon', module=PeerMuon)
+    return ['PeerSOAP', 'PeerShampoo', 'PeerMuon']
+
+
+# ---------------------------------------------------------------- PeerMuon
+#: Modules (suffixes of their qualified names) whose weights
+#: :class:`PeerMuon` gives to AdamW: the final classification / regression
+#: layers of mmdet's heads (RoI bbox / mask heads, RPN, RetinaNet, the
+#: single-stage heads) and mmpretrain's linear classifier ``head.fc``.
+MUON_ADAMW_MODULES = ('fc_cls', 'fc_reg', 'conv_cls', 'conv_reg',
+                      'retina_cls', 'retina_reg', 'rpn_cls', 'rpn_reg',
+                      'conv_logits', 'head.fc')
+
+if importlib.util.find_spec('pytorch_optimizer') is not None:
+    from pytorch_optimizer import Muon as _MuonBase
+else:  # pragma: no cover - depends on extras
+    _MuonBase = Optimizer
+
+
+def _suffix_match(name: str, patterns: Iterable[str]) -> bool:
+    """Whether dotted ``name`` ends with one of ``patterns`` (whole parts)."""
+    return any(name == p or name.endswith('.' + p) for p in patterns)
+
+
+class PeerMuon(_MuonBase):  # type: ignore[misc, valid-type]
+    """pytorch-optimizer's Muon on hidden weights, AdamW on everything else.
+
+    Each parameter group (the ones ``paramwise_cfg`` makes, or the single
+    one) is split in two groups of this one optimizer: ``use_muon=True``
+    with the group's >=2-D weights, and ``use_muon=False`` (AdamW) with its
+    1-D parameters, the weights of the modules named in ``adamw_modules``
+    and any weight whose matrix view is a single row or column (a 1-output
+    conv, a ``(1, n, d)`` token; orthogonalising a vector only normalises
+    it).  Both halves keep the group's ``lr`` and ``weight_decay`` (and
+    every other key ``paramwise_cfg`` set), so MMEngine's parameter
+    schedulers, which scale every ``param_groups`` entry, scale both.
+    Conv weights are passed unchanged: pytorch-optimizer's Muon
+    orthogonalises a ``(c_out, c_in, k, k)`` weight as the
+    ``c_out x (c_in k k)`` matrix itself.
+
+    With ``use_adjusted_lr=True`` (the default) the Muon update of a
+    ``m x n`` weight is scaled by Moonlight's ``0.2 sqrt(max(m, n))``,
+    which gives it about the RMS of an AdamW update, so an AdamW config's
+    ``lr`` / ``weight_decay`` carry over unchanged (J. Liu et al., 2025).
+
+    Algorithm (per Muon weight ``W``, gradient ``G``; decoupled decay)::
+
+        B <- mu B + (1 - mu) G;   U = mu B + (1 - mu) G   (Nesterov)
+        O = NewtonSchulz5(U as c_out x rest)              (about U's polar
+                                                           factor, bf16)
+        W <- (1 - lr wd) W - lr 0.2 sqrt(max(m, n)) O
+
+    and AdamW (``betas``, ``eps``, bias-corrected) on the other parameters.
+
+    Notes:
+        * The numerics are pytorch-optimizer's (4.1): Newton-Schulz runs in
+          bfloat16; no non-finite handling of its own.
+        * State: one momentum buffer per Muon weight, Adam's two moments per
+          AdamW parameter (about half AdamW's state on a conv net).
+
+    Args:
+        params (Iterable): Parameters or parameter groups.
+        model (nn.Module, optional): The model (passed by
+            ``PrecondOptimWrapperConstructor``), to name the parameters for
+            ``adamw_modules``; without it only the shape rule applies.
+        lr (float): Learning rate of both halves. Defaults to 2e-3.
+        weight_decay (float): Decoupled weight decay of both halves.
+            Defaults to 0.05.
+        momentum (float): Muon's momentum. Defaults to 0.95.
+        nesterov (bool): Nesterov momentum for Muon. Defaults to True.
+        ns_steps (int): Newton-Schulz iterations. Defaults to 5.
+        use_adjusted_lr (bool): Moonlight's shape scaling (see above); False
+            is Keller Jordan's ``sqrt(max(1, m / n))``. Defaults to True.
+        betas (tuple[float, float]): AdamW's betas. Defaults to
+            ``(0.9, 0.999)`` (torch's AdamW).
+        eps (float): AdamW's epsilon. Defaults to 1e-8 (torch's AdamW).
+        adamw_modules (tuple[str]): Suffixes (whole dotted parts) of the
+            qualified names of modules whose parameters AdamW trains.
+            Defaults to :data:`MUON_ADAMW_MODULES`.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(),
+        ...                       nn.Linear(8, 2))
+        >>> opt = PeerMuon(model.parameters(), model=model, lr=1e-3,
+        ...                adamw_modules=('2', ))
+        >>> [(g['use_muon'], len(g['params'])) for g in opt.param_groups]
+        [(True, 1), (False, 3)]
+    """
+    requires_model = True
+
+    def __init__(self,
+                 params: Iterable,
+                 model: Optional[nn.Module] = None,
+                 lr: float = 2e-3,
+                 weight_decay: float = 0.05,
+                 momentum: float = 0.95,
+                 nesterov: bool = True,
+                 ns_steps: int = 5,
+                 use_adjusted_lr: bool = True,
+                 betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8,
+                 adamw_modules: Iterable[str] = MUON_ADAMW_MODULES) -> None:
+        if _MuonBase is Optimizer:  # pragma: no cover - depends on extras
+            raise ImportError('PeerMuon needs pytorch-optimizer: '
+                              'pip install .[peers]')
+        adamw_modules = tuple(adamw_modules)
+        owner: Dict[int, str] = {}
+        if model is not None:
+            for mod_name, module in model.named_modules():
+                for p in module.parameters(recurse=False):
+                    owner[id(p)] = mod_name
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [dict(params=groups)]
+        split: List[Dict[str, Any]] = []
+        for group in groups:
+            muon, adamw = [], []
+            for p in group['params']:
+                matrix = p.ndim >= 2 and p.shape[0] > 1 and (
+                    p.numel() > p.shape[0])
+                head = _suffix_match(owner.get(id(p), ''), adamw_modules)
+                (muon if matrix and not head else adamw).append(p)
+            rest = {k: v for k, v in group.items() if k != 'params'}
+            if muon:
+                split.append(dict(rest, params=muon, use_muon=True))
+            if adamw:
+                split.append(dict(rest, params=adamw, use_muon=False))
+        super().__init__(
+            split, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            nesterov=nesterov, ns_steps=ns_steps,
+            use_adjusted_lr=use_adjusted_lr, adamw_lr=lr, adamw_betas=betas,
+            adamw_wd=weight_decay, adamw_eps=eps)
+        # pytorch-optimizer's Muon keeps only ``foreach`` in ``defaults``;
+        # MMEngine's OptimWrapper reads ``defaults['lr']`` (its base lr) when
+        # there is more than one group
+        self.defaults.update(lr=lr, weight_decay=weight_decay,
+                             momentum=momentum, betas=betas, eps=eps)

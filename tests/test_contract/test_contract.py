@@ -71,7 +71,7 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
                            'that leaves every layer unpreconditioned)')
        for n in ('AdaFisher', 'AdaFisherW', 'SGD_PH')},
     **{(n, 'degenerate'): ('skip', f'{_PEER}; no degenerate setting')
-       for n in ('PeerSINGD', 'PeerSOAP', 'PeerShampoo')},
+       for n in ('PeerSINGD', 'PeerSOAP', 'PeerShampoo', 'PeerMuon')},
     **{(n, 'degenerate'): ('skip', 'TNT runs its own momentum step, not '
                            "torch's foreach SGD: with weight_decay > 0 it "
                            'differs (3 % relative after 6 steps, measured); '
@@ -134,7 +134,7 @@ EXCEPTIONS: Dict[Tuple[str, str], Tuple[str, str]] = {
        for n in ('PeerSINGD', )},
     # 6 non-finite input
     **{(n, c): ('skip', f'{_PEER}: no non-finite handling of its own')
-       for n in ('PeerSINGD', 'PeerSOAP', 'PeerShampoo')
+       for n in ('PeerSINGD', 'PeerSOAP', 'PeerShampoo', 'PeerMuon')
        for c in ('nonfinite_grad', 'nonfinite_factor')},
     **{(n, 'nonfinite_factor'): ('skip', f'{n} keeps no 2-D factor (its '
                                  'curvature is per-channel / diagonal)')

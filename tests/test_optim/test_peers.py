@@ -156,3 +156,159 @@ def test_missing_peer_package_is_named(monkeypatch):
             mlp(False),
             dict(constructor='PrecondOptimWrapperConstructor',
                  optimizer=dict(type='PeerSOAP', lr=1e-3)))
+
+
+# ------------------------------------------------------------------ PeerMuon
+def muon_net() -> nn.Module:
+    """A conv, a hidden Linear and a classifier ``head.fc``, like mmpretrain."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                                 nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(4 * 16, 12), nn.ReLU())
+    net.head = nn.Module()
+    net.head.fc = nn.Linear(12, 3)
+    net.forward = lambda x: net.head.fc(net.backbone(x))
+    return net
+
+
+def image_batches(n: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 3, 4, 4, generator=gen),
+             torch.randint(0, 3, (8, ), generator=gen)) for _ in range(n)]
+
+
+MUON = dict(lr=2e-3, weight_decay=0.05)
+
+
+def muon_parts(opt) -> Tuple[set, set]:
+    muon = {id(p) for g in opt.param_groups if g['use_muon']
+            for p in g['params']}
+    adamw = {id(p) for g in opt.param_groups if not g['use_muon']
+             for p in g['params']}
+    return muon, adamw
+
+
+def test_muon_split_on_the_demo_detector():
+    """Real mmdet Faster R-CNN: every >=2-D weight but the heads' final
+    layers is Muon's, unflattened (pytorch-optimizer flattens itself)."""
+    pytest.importorskip('mmdet')
+    from conftest import DEMO_DET_CONFIG
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from mmprecond.optim.peers import PeerMuon
+
+    init_default_scope('mmdet')
+    model = MODELS.build(Config.fromfile(str(DEMO_DET_CONFIG)).model)
+    opt = PeerMuon(model.parameters(), model=model, **MUON)
+    muon, adamw = muon_parts(opt)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(muon) + len(adamw) == len(names)
+    to_adamw = sorted(names[i] for i in adamw
+                      if dict(model.named_parameters())[names[i]].ndim >= 2)
+    assert to_adamw == [
+        'roi_head.bbox_head.fc_cls.weight', 'roi_head.bbox_head.fc_reg.weight',
+        'rpn_head.rpn_cls.weight', 'rpn_head.rpn_reg.weight']
+    shapes = {p.ndim for g in opt.param_groups if g['use_muon']
+              for p in g['params']}
+    assert shapes == {2, 4}  # conv weights stay 4-D
+    assert all(p.ndim == 1 for n, p in model.named_parameters()
+               if id(p) in adamw and names[id(p)] not in to_adamw)
+
+
+def test_muon_equals_pytorch_optimizer_muon_with_moonlight_lr():
+    """PeerMuon is pytorch-optimizer's Muon on hand-made groups, bit for bit:
+    Moonlight's lr adjustment, AdamW (torch's betas / eps) on the rest."""
+    from mmprecond.optim.peers import PeerMuon
+
+    ours, ref = muon_net(), muon_net()
+    data = image_batches(5)
+    train(ours, PeerMuon(ours.parameters(), model=ours, **MUON), data)
+    hidden = [ref.backbone[0].weight, ref.backbone[4].weight]
+    rest = [p for p in ref.parameters() if all(p is not q for q in hidden)]
+    assert len(rest) == 6  # conv / BN / fc biases and gains, head.fc
+    train(ref, pytorch_optimizer.Muon(
+        [dict(params=hidden, use_muon=True),
+         dict(params=rest, use_muon=False)], lr=2e-3, weight_decay=0.05,
+        use_adjusted_lr=True, adamw_lr=2e-3, adamw_wd=0.05,
+        adamw_betas=(0.9, 0.999), adamw_eps=1e-8), data)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    assert not torch.equal(ours.head.fc.weight, muon_net().head.fc.weight)
+
+
+def muon_wrapper(model: nn.Module):
+    """PeerMuon through mmprecond's constructor, with the demo paramwise_cfg."""
+    return build_optim_wrapper(
+        model,
+        dict(constructor='PrecondOptimWrapperConstructor',
+             optimizer=dict(type='PeerMuon', **MUON),
+             paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0)))
+
+
+def test_muon_paramwise_cfg_and_scheduler_reach_both_parts():
+    """``paramwise_cfg``'s zero decay lands on biases / norms of both parts,
+    and a real MMEngine scheduler scales every group, Muon's and AdamW's:
+    MultiStepLR with gamma 0 stops both halves from step 2 on."""
+    from mmengine.optim import MultiStepLR
+
+    from mmprecond.optim.peers import PeerMuon
+
+    model = muon_net()
+    wrapper = muon_wrapper(model)
+    opt = wrapper.optimizer
+    assert isinstance(opt, PeerMuon)
+    decay = {id(p): g['weight_decay'] for g in opt.param_groups
+             for p in g['params']}
+    assert decay[id(model.backbone[0].weight)] == 0.05  # Muon
+    assert decay[id(model.head.fc.weight)] == 0.05  # AdamW, final layer
+    assert decay[id(model.backbone[0].bias)] == 0.0
+    assert decay[id(model.backbone[1].weight)] == 0.0  # BN gain
+    assert {g['use_muon'] for g in opt.param_groups} == {True, False}
+    sched = MultiStepLR(wrapper, milestones=[2], gamma=0.0, by_epoch=False)
+    data = image_batches(4)
+    before = None
+    for i, (x, y) in enumerate(data):
+        if i == 2:
+            before = [p.detach().clone() for p in model.parameters()]
+            assert all(g['lr'] == 0.0 for g in opt.param_groups)
+        wrapper.update_params(nn.functional.cross_entropy(model(x), y))
+        sched.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    moved = muon_net()
+    assert not torch.equal(model.backbone[0].weight, moved.backbone[0].weight)
+    assert not torch.equal(model.head.fc.weight, moved.head.fc.weight)
+
+
+def test_muon_resume_equals_uninterrupted():
+    """A real checkpoint round trip (``torch.save`` / safe ``torch.load``)
+    of the optimizer wrapper: resumed training equals uninterrupted."""
+    import io
+
+    data = image_batches(7)
+    whole = muon_net()
+    wrapper = muon_wrapper(whole)
+    for x, y in data:
+        wrapper.update_params(nn.functional.cross_entropy(whole(x), y))
+
+    first = muon_net()
+    wrapper = muon_wrapper(first)
+    for x, y in data[:3]:
+        wrapper.update_params(nn.functional.cross_entropy(first(x), y))
+    buf = io.BytesIO()
+    torch.save(dict(model=first.state_dict(), optim=wrapper.state_dict()), buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    second = muon_net()
+    second.load_state_dict(ckpt['model'])
+    wrapper2 = muon_wrapper(second)
+    wrapper2.load_state_dict(ckpt['optim'])
+    for x, y in data[3:]:
+        wrapper2.update_params(nn.functional.cross_entropy(second(x), y))
+    for p, q in zip(second.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
+    steps = {g['step'] for g in wrapper2.optimizer.param_groups}
+    assert steps == {7}

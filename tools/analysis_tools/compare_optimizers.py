@@ -10,7 +10,9 @@ too) and writes, into ``--out-dir``:
 
 * ``loss_vs_iter.png``, ``loss_vs_time.png``: training loss (mean over
   seeds, band = min..max) against the iteration and the training seconds;
-* ``metric_vs_iter.png``: validation bbox AP / mask AP / top-1;
+* ``metric_vs_iter.png``, ``metric_vs_time.png``: validation bbox AP /
+  mask AP / top-1 (``--val-points K``: K validations per run) against the
+  iteration and the training seconds;
 * ``phase_seconds.png``: seconds per iteration in forward + backward,
   statistics, refresh, precondition and the base step;
 * ``state_memory.png``: optimizer-state memory;
@@ -25,6 +27,13 @@ An optimizer setting is one of::
     CONFIG.py                      # the same, named after the file
     'NAME:key=value;key=value'     # --cfg-options fragments for this setting
 
+Equal wall-clock instead of equal iterations (``--time-budget SECONDS``
+or ``--match-time REF``): every setting's s / iter is calibrated in a short
+run (``--calibrate-iters``), its length set to what fills the budget and
+its schedule stretched to it; ``results.md`` then adds the metric at equal
+time and the seconds to reach the reference's final metric (see
+``docs/benchmarks.md``, "Equal wall-clock").
+
 Finished runs are skipped when the tool is started again and interrupted
 ones resume from their last checkpoint, so it can be stopped at any time;
 ``--report-only`` tabulates the finished runs without training.
@@ -38,6 +47,14 @@ Examples::
             'sgd:optim_wrapper.optimizer.type=SGD;optim_wrapper.optimizer.lr=0.02' \\
             adankfac=configs/demo/faster-rcnn_r18-tiny_fpn_adankfac_synthetic.py \\
         --seeds 0 1 2 --max-iters 300 --work-dir work_dirs/compare
+
+    # the same two at equal wall-clock: AdamW's seconds for 300 iterations
+    python tools/analysis_tools/compare_optimizers.py \\
+        configs/demo/faster-rcnn_r18-tiny_fpn_adamw_synthetic.py \\
+        --optimizers adamw: \\
+            adankfac=configs/demo/faster-rcnn_r18-tiny_fpn_adankfac_synthetic.py \\
+        --seeds 0 1 2 --max-iters 300 --match-time adamw --val-points 5 \\
+        --work-dir work_dirs/compare_time
 
     # a zoo config on real COCO (data/coco) with two zoo optimizers
     python tools/analysis_tools/compare_optimizers.py \\
@@ -120,31 +137,62 @@ def set_data_root(cfg: Config, root: str) -> None:
     cfg['data_root'] = root
 
 
+def scale_schedulers(cfg: Config, by_epoch: bool, factor: float) -> None:
+    """Stretch the schedulers counted in the loop's unit by ``factor``.
+
+    ``begin`` / ``end`` / ``T_max`` / ``milestones`` of every scheduler whose
+    ``by_epoch`` matches the loop's are multiplied by ``factor`` (rounded;
+    ``end`` and ``T_max`` at least 1), so warm-up, steps and decay keep
+    their share of the run; an open ``end`` (beyond 100x the run) stays.
+    """
+    schedulers = cfg.get('param_scheduler') or []
+    for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
+        if bool(sch.get('by_epoch', True)) != by_epoch:
+            continue
+        for key in ('begin', 'end', 'T_max'):
+            if key in sch and not (key == 'end' and sch[key] > 1e6):
+                sch[key] = max(1 if key != 'begin' else 0,
+                               round(sch[key] * factor))
+        if 'milestones' in sch:
+            sch['milestones'] = [max(1, round(m * factor))
+                                 for m in sch['milestones']]
+
+
 def scale_iteration_schedule(cfg: Config, max_iters: int) -> None:
     """Set an iteration-based run's length and stretch its LR schedule.
 
-    Iteration-based schedulers' ``begin`` / ``end`` / ``T_max`` are scaled
-    by ``max_iters / old max_iters``, so warm-up and decay keep their share
-    of the run.
+    Iteration-based schedulers' ``begin`` / ``end`` / ``T_max`` /
+    ``milestones`` are scaled by ``max_iters / old max_iters``, so warm-up
+    and decay keep their share of the run.
     """
     old = cfg.train_cfg.get('max_iters')
     if old is None:
         raise SystemExit('--max-iters needs an IterBasedTrainLoop config; '
                          'use --max-epochs for epoch-based ones')
     cfg.train_cfg.max_iters = max_iters
-    schedulers = cfg.get('param_scheduler') or []
-    for sch in schedulers if isinstance(schedulers, list) else [schedulers]:
-        if sch.get('by_epoch', True):
-            continue
-        for key in ('begin', 'end', 'T_max'):
-            if key in sch:
-                sch[key] = max(1 if key != 'begin' else 0,
-                               round(sch[key] * max_iters / old))
+    scale_schedulers(cfg, False, max_iters / old)
+
+
+def set_length(cfg: Config, length: int) -> None:
+    """Set a run's length (iterations or epochs, the loop's unit) and
+    stretch the schedulers counted in that unit to it."""
+    by_epoch = 'max_epochs' in cfg.train_cfg
+    key = 'max_epochs' if by_epoch else 'max_iters'
+    old = cfg.train_cfg[key]
+    cfg.train_cfg[key] = length
+    scale_schedulers(cfg, by_epoch, length / old)
 
 
 def build_config(args: argparse.Namespace, name: str,
-                 how: Dict[str, Any]) -> Config:
-    """The config of setting ``name`` (seeds are set per run)."""
+                 how: Dict[str, Any], length: Optional[int] = None,
+                 budget_s: Optional[float] = None) -> Config:
+    """The config of setting ``name`` (seeds are set per run).
+
+    ``length``: the run's iterations (epochs for an epoch-based config),
+    its schedule stretched to it (the time-matched plan).  ``budget_s``:
+    the training seconds after which a :class:`~mmprecond.engine.TimeBudgetHook`
+    ends an iteration-based run (checked at the logged steps).
+    """
     cfg = Config.fromfile(args.config)
     if 'config' in how:
         other = Config.fromfile(how['config'])
@@ -164,11 +212,22 @@ def build_config(args: argparse.Namespace, name: str,
         scale_iteration_schedule(cfg, args.max_iters)
     if args.max_epochs:
         cfg.train_cfg.max_epochs = args.max_epochs
+    if length is not None:
+        set_length(cfg, length)
     length = cfg.train_cfg.get('max_epochs' if by_epoch else 'max_iters')
-    cfg.train_cfg.val_interval = args.val_interval or length
     logger = cfg.default_hooks.logger
     if args.log_interval:
         logger.interval = args.log_interval
+    if args.val_interval:
+        cfg.train_cfg.val_interval = args.val_interval
+    elif args.val_points > 1:
+        # every run validated at the same fractions of its length; for
+        # iteration-based runs at logged iterations (their training clock)
+        unit = 1 if by_epoch else logger.interval
+        cfg.train_cfg.val_interval = max(
+            unit, round(length / args.val_points / unit) * unit)
+    else:
+        cfg.train_cfg.val_interval = length
     logger.log_metric_by_epoch = False  # validation keyed by iteration
     # logged loss and time: means over the logging interval
     cfg.log_processor = dict(cfg.get('log_processor', {}),
@@ -181,6 +240,11 @@ def build_config(args: argparse.Namespace, name: str,
     cfg.custom_hooks = hooks + [
         dict(type='PrecondStatsHook', interval=logger.interval)
     ]
+    if budget_s is not None and not by_epoch:
+        cfg.custom_hooks = [h for h in cfg.custom_hooks
+                            if h.get('type') != 'TimeBudgetHook'] + [
+            dict(type='TimeBudgetHook', budget_s=budget_s,
+                 interval=logger.interval)]
     imports = cfg.get('custom_imports', {}).get('imports', [])
     if 'mmprecond' not in imports:
         cfg.custom_imports = dict(imports=list(imports) + ['mmprecond'],
@@ -219,14 +283,144 @@ def run_one(cfg_path: str, run_dir: str, seed: int,
         return subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
 
 
+def clock_rate(scalars: Scalars) -> Tuple[Optional[float], float, int]:
+    """``(s / iter, start-up seconds, iterations)`` of a run's training clock.
+
+    The first logging interval holds the one-off costs (the first forward,
+    lazily built state, the first exact refresh); the rate is measured over
+    the intervals after it and the start-up is what the first interval took
+    beyond that rate.
+    """
+    clock = elapsed_seconds(scalars)
+    steps = sorted(clock)
+    if len(steps) < 2:
+        return None, 0.0, steps[-1] if steps else 0
+    first, last = steps[0], steps[-1]
+    rate = (clock[last] - clock[first]) / (last - first)
+    return rate, max(0.0, clock[first] - first * rate), last
+
+
+def calibrate(args: argparse.Namespace,
+              settings: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
+    """Measure every setting's s / iter in a short run (first seed).
+
+    ``--calibrate-iters`` iterations (one epoch for an epoch-based config),
+    no validation, under ``<work-dir>/_calibration/<name>``; the results are
+    kept in ``<work-dir>/calibration.json`` and reused when the tool is run
+    again (delete the file to measure again).
+    """
+    path = osp.join(args.work_dir, 'calibration.json')
+    known: Dict[str, Any] = {}
+    if osp.isfile(path):
+        with open(path) as f:
+            known = json.load(f)
+    for name, how in settings:
+        if name in known:
+            continue
+        if args.report_only:
+            raise SystemExit(f'--report-only: no calibration of {name!r} '
+                             f'in {path}')
+        cfg = build_config(args, name, how)
+        by_epoch = 'max_epochs' in cfg.train_cfg
+        n = 1 if by_epoch else args.calibrate_iters
+        cfg.train_cfg['max_epochs' if by_epoch else 'max_iters'] = n
+        cfg.train_cfg.val_interval = n + 1  # time training only
+        interval = max(1, min(cfg.default_hooks.logger.interval, n // 5))
+        cfg.default_hooks.logger.interval = interval
+        cfg.log_processor = dict(cfg.log_processor, window_size=interval)
+        cfg.default_hooks.checkpoint.interval = n
+        run_dir = osp.join(args.work_dir, '_calibration', name)
+        if osp.isdir(run_dir):
+            shutil.rmtree(run_dir)
+        os.makedirs(run_dir)
+        cfg_path = osp.join(run_dir, 'config.py')
+        cfg.dump(cfg_path)
+        print(f'calibrating {name}: {n} {"epoch" if by_epoch else "iters"}')
+        code = run_one(cfg_path, run_dir, args.seeds[0],
+                       osp.join(run_dir, 'train.out'))
+        if code != 0:
+            raise SystemExit(f'calibration of {name} failed (exit {code}, '
+                             f'see {run_dir}/train.out)')
+        rate, startup, iters = clock_rate(load_scalars(run_dir))
+        if rate is None:
+            raise SystemExit(f'calibration of {name}: fewer than 2 logged '
+                             'intervals; raise --calibrate-iters')
+        known[name] = dict(s_per_iter=rate, startup_s=startup,
+                           iters=iters, iters_per_epoch=iters // n
+                           if by_epoch else None)
+        with open(path, 'w') as f:
+            json.dump(known, f, indent=1)
+    return known
+
+
+def time_plan(args: argparse.Namespace,
+              settings: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
+    """Every setting's length for an equal training wall-clock budget.
+
+    The budget is ``--time-budget`` seconds, or (``--match-time REF``) what
+    REF's calibrated rate gives for the run's length (``--max-iters`` /
+    ``--max-epochs`` / the config's).  A setting is planned ``(budget -
+    start-up) / (s / iter) * --overshoot`` iterations, rounded to whole
+    logging intervals (whole epochs for epoch-based configs), at least one;
+    in the runs a :class:`~mmprecond.engine.TimeBudgetHook` ends each
+    iteration-based run when its training seconds reach the budget, so the
+    plan is an upper bound and a slower machine than at calibration cuts
+    the run short of its schedule's tail instead of running over.  The
+    reference of ``--match-time`` keeps its own length (no overshoot).
+    """
+    calib = calibrate(args, settings)
+    hows = dict(settings)
+    base = {n: build_config(args, n, how) for n, how in settings}
+    if args.match_time:
+        ref = args.match_time
+        if ref not in hows:
+            raise SystemExit(f'--match-time {ref!r} is not among '
+                             f'{list(hows)}')
+        cfg = base[ref]
+        by_epoch = 'max_epochs' in cfg.train_cfg
+        iters = cfg.train_cfg.max_epochs * calib[ref]['iters_per_epoch'] \
+            if by_epoch else cfg.train_cfg.max_iters
+        budget = calib[ref]['startup_s'] + iters * calib[ref]['s_per_iter']
+    else:
+        budget = args.time_budget
+    plan: Dict[str, Any] = dict(budget_s=budget, overshoot=args.overshoot,
+                                settings={})
+    for name, _ in settings:
+        cfg, c = base[name], calib[name]
+        iters = max(0.0, budget - c['startup_s']) / c['s_per_iter'] \
+            * args.overshoot
+        if 'max_epochs' in cfg.train_cfg:
+            length = max(1, round(iters / c['iters_per_epoch']))
+            unit = 'epochs'
+        else:
+            step = cfg.default_hooks.logger.interval
+            length = max(step, round(iters / step) * step)
+            unit = 'iters'
+        if name == args.match_time:  # the reference keeps its own length
+            length = cfg.train_cfg.get('max_' + unit)
+        plan['settings'][name] = dict(c, length=length, unit=unit)
+    with open(osp.join(args.work_dir, 'time_plan.json'), 'w') as f:
+        json.dump(plan, f, indent=1)
+    print(f'time budget {budget:.1f} s: ' + ', '.join(
+        f"{n} {p['length']} {p['unit']} ({p['s_per_iter']:.3f} s/iter)"
+        for n, p in plan['settings'].items()))
+    return plan
+
+
 def run_all(args: argparse.Namespace,
-            settings: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
-    """Train every (setting, seed) that is not finished yet."""
+            settings: List[Tuple[str, Dict[str, Any]]],
+            plan: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Train every (setting, seed) that is not finished yet.
+
+    ``plan``: the time-matched lengths (:func:`time_plan`).
+    """
     runs = {}
     todo = []
     cfg_paths = {}
     for name, how in settings:
-        cfg = build_config(args, name, how)
+        length = plan['settings'][name]['length'] if plan else None
+        cfg = build_config(args, name, how, length,
+                           plan['budget_s'] if plan else None)
         ensure_data(cfg, args)
         setting_dir = osp.join(args.work_dir, name)
         os.makedirs(setting_dir, exist_ok=True)
@@ -331,6 +525,66 @@ def summarise_run(scalars: Scalars, metric: Optional[str],
     key = metric_key(scalars, metric)
     out['metric_curve'] = series(scalars, key) if key else []
     out['final_metric'] = out['metric_curve'][-1][1] if key else None
+    out['metric_time_curve'] = [(clock_at(clock, step), value)
+                                for step, value in out['metric_curve']]
+    return out
+
+
+def clock_at(clock: Dict[int, float], step: float) -> Optional[float]:
+    """Training seconds at ``step``, linear between the logged steps."""
+    last_step, last_time = 0, 0.0
+    for s, t in sorted(clock.items()):
+        if s >= step:
+            return last_time + (t - last_time) * (step - last_step) / (
+                s - last_step)
+        last_step, last_time = s, t
+    return None
+
+
+def metric_at_time(run: Dict[str, Any], seconds: float,
+                   tolerance: float = 0.1) -> Optional[float]:
+    """A run's validation metric at ``seconds`` of training.
+
+    Linear between the validation points (in training seconds); a run whose
+    last validation came before ``seconds`` but within ``tolerance`` of it
+    (a time-matched run stops within its budget's error) gives that last
+    value; ``None`` before the first validation or after a shorter run.
+    """
+    points = [(t, v) for t, v in run['metric_time_curve'] if t is not None]
+    if not points or seconds < points[0][0]:
+        return None
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        if t0 <= seconds <= t1:
+            return v0 + (v1 - v0) * (seconds - t0) / (t1 - t0)
+    t, v = points[-1]
+    return v if seconds <= t * (1 + tolerance) else None
+
+
+def seconds_to_metric(run: Dict[str, Any],
+                      target: float) -> Optional[float]:
+    """Training seconds at the first validation whose metric reaches
+    ``target`` (higher is better: AP, top-1)."""
+    return next((t for t, v in run['metric_time_curve']
+                 if t is not None and v >= target), None)
+
+
+def band(curves: List[List[Tuple[float, float]]],
+         clocks: List[List[Tuple[float, float]]]) -> List[Dict[str, float]]:
+    """Mean, std, min and max over seeds at the steps every run validated
+    at, with the mean training seconds there."""
+    if not curves or not all(curves):
+        return []
+    common = sorted(set.intersection(*[{s for s, _ in c} for c in curves]))
+    out = []
+    for step in common:
+        values = [dict(c)[step] for c in curves]
+        times = [t for c, k in zip(curves, clocks)
+                 for (s, _), (t, _) in zip(c, k) if s == step
+                 and t is not None]
+        stat = mean_std(values)
+        out.append(dict(iter=step, seconds=statistics.fmean(times)
+                        if times else None, mean=stat[0], std=stat[1],
+                        min=min(values), max=max(values), runs=len(values)))
     return out
 
 
@@ -375,14 +629,27 @@ def fmt(stat: Optional[Tuple[float, float, int]], digits: int,
 
 def summarise(runs: Dict[Tuple[str, int], str], names: List[str],
               reference: str, metric: Optional[str],
-              loss_window: float = 0.1) -> Dict[str, Any]:
-    """Per-run numbers and their mean ± std per setting."""
+              loss_window: float = 0.1,
+              budget: Optional[float] = None) -> Dict[str, Any]:
+    """Per-run numbers and their mean ± std per setting.
+
+    ``budget``: the training seconds of a time-matched comparison, at which
+    the metric "at equal time" is read (default: the shortest setting's
+    mean training seconds).
+    """
     per_run = {key: summarise_run(load_scalars(run_dir), metric, loss_window)
                for key, run_dir in runs.items()
                if osp.isfile(osp.join(run_dir, 'done.json'))}
     ref_runs = [r for (n, _), r in per_run.items() if n == reference]
     ref_loss = mean_std([r['final_loss'] for r in ref_runs])
     ref_time = mean_std([r['s_per_iter'] for r in ref_runs])
+    ref_metric = mean_std([r['final_metric'] for r in ref_runs])
+    # equal time: the budget of a time-matched comparison, else the
+    # shortest setting's mean training seconds
+    finals = [mean_std([r['seconds'] for (n, _), r in per_run.items()
+                        if n == name]) for name in names]
+    finals = [f[0] for f in finals if f]
+    equal_time = budget or (min(finals) if finals else None)
     table = {}
     for name in names:
         rs = [r for (n, _), r in per_run.items() if n == name]
@@ -397,13 +664,24 @@ def summarise(runs: Dict[Tuple[str, int], str], names: List[str],
             seconds_to_ref=mean_std([s for _, s in reached]),
             state_mb=mean_std([r['state_mb'] for r in rs]),
             phases={p: mean_std([r['phases'][p] for r in rs])
-                    for p in PHASES})
+                    for p in PHASES},
+            iters=mean_std([r['iters'] for r in rs]),
+            train_seconds=mean_std([r['seconds'] for r in rs]),
+            metric_at_time=mean_std([metric_at_time(r, equal_time)
+                                     for r in rs]) if equal_time else None,
+            seconds_to_ref_metric=mean_std([
+                seconds_to_metric(r, ref_metric[0]) for r in rs])
+            if ref_metric else None,
+            metric_vs_iter=band([r['metric_curve'] for r in rs],
+                                [r['metric_time_curve'] for r in rs]))
         t = table[name]['s_per_iter']
         table[name]['time_vs_ref'] = (t[0] / ref_time[0]
                                       if t and ref_time else None)
     windows = sorted({r['loss_window'] for r in per_run.values()})
     return dict(per_run=per_run, table=table, reference=reference,
                 reference_final_loss=ref_loss[0] if ref_loss else None,
+                reference_final_metric=ref_metric[0] if ref_metric else None,
+                equal_time=equal_time, time_matched=budget is not None,
                 loss_windows=windows)
 
 
@@ -436,6 +714,36 @@ def markdown(summary: Dict[str, Any], metric: str) -> str:
         lines.append(f'| {name} | ' + ' | '.join(
             fmt(row['phases'][p], 4, n) if row['phases'][p] else '—'
             for p in PHASES) + ' |')
+    t_eq = summary.get('equal_time')
+    if t_eq:
+        kind = ('the time budget' if summary.get('time_matched') else
+                'the shortest setting\'s training time')
+        lines += [
+            '',
+            f'| optimizer | runs | iterations | training s | final {metric} '
+            f'| {metric} at {t_eq:.0f} s | seconds to {ref} final {metric} |',
+            '|---|---|---|---|---|---|---|',
+        ]
+        for name, row in summary['table'].items():
+            n = row['runs']
+            lines.append(
+                f"| {name} | {n} | {fmt(row['iters'], 0, n)} | "
+                f"{fmt(row['train_seconds'], 1, n)} | "
+                f"{fmt(row['final_metric'], 4, n)} | "
+                f"{fmt(row['metric_at_time'], 4, n)} | "
+                f"{fmt(row['seconds_to_ref_metric'], 1, n)} |")
+        lines += [
+            '',
+            '*iterations*: those run, read from the logs (in a '
+            'time-matched comparison the budget guard may end a run '
+            'before its planned length); '
+            f'*training s*: training wall-clock read from the logs '
+            f'(validation and checkpoints not counted); *at {t_eq:.0f} s* '
+            f'({kind}): the validation metric interpolated in training '
+            f'seconds; *seconds to {ref} final {metric}*: training seconds '
+            f'at the first validation that reaches {ref}\'s mean final '
+            f'{metric}.'
+        ]
     windows = '/'.join(str(w) for w in summary.get('loss_windows', []))
     if windows:
         lines += [
@@ -505,6 +813,22 @@ def plot_all(summary: Dict[str, Any], names: List[str], metric: str,
     ax.legend()
     save(fig, 'metric_vs_iter.png')
 
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in by_name:
+        points = [p for p in summary['table'][name]['metric_vs_iter']
+                  if p['seconds'] is not None]
+        if not points:
+            continue
+        xs = [p['seconds'] for p in points]
+        ax.plot(xs, [p['mean'] for p in points], marker='o', label=name)
+        ax.fill_between(xs, [p['min'] for p in points],
+                        [p['max'] for p in points], alpha=0.2)
+    ax.set_xlabel('training seconds')
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, 'metric_vs_time.png')
+
     table = summary['table']
     shown = [n for n in names if n in by_name]
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(shown) + 2))
@@ -545,7 +869,29 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                         help='epochs per run (epoch-based configs)')
     parser.add_argument('--val-interval', type=int,
                         help='validate every N iterations / epochs '
-                        '(default: at the end)')
+                        '(default: see --val-points)')
+    parser.add_argument('--val-points', type=int, default=1,
+                        help='validate at this many evenly spaced points '
+                        'of every run (the last at its end); default 1')
+    timed = parser.add_mutually_exclusive_group()
+    timed.add_argument('--time-budget', type=float,
+                       help='time-matched: every setting trains for this '
+                       'many seconds (its iterations from a calibration of '
+                       'its s / iter, its schedule stretched to them)')
+    timed.add_argument('--match-time', metavar='REF',
+                       help='time-matched: every setting gets the training '
+                       "seconds REF's calibrated rate gives for the run's "
+                       'length')
+    parser.add_argument('--calibrate-iters', type=int, default=50,
+                        help='iterations of the s / iter calibration of the '
+                        'time-matched mode (epoch-based configs: one '
+                        'epoch); default 50')
+    parser.add_argument('--overshoot', type=float, default=1.15,
+                        help='time-matched: plan this factor more iterations '
+                        'than the calibration predicts for the budget; a '
+                        'TimeBudgetHook ends each run at the budget (so a '
+                        'slower machine than at calibration does not run '
+                        'over); default 1.15')
     parser.add_argument('--log-interval', type=int,
                         help='logging interval (default: the config\'s)')
     parser.add_argument('--checkpoint-interval', type=int,
@@ -587,10 +933,17 @@ def main(argv: Optional[list] = None) -> int:
     reference = args.reference or ('adamw' if 'adamw' in names else names[0])
     if reference not in names:
         raise SystemExit(f'--reference {reference!r} is not among {names}')
-    runs = run_all(args, settings)
+    if args.overshoot < 1:
+        raise SystemExit(f'--overshoot must be >= 1: {args.overshoot}')
     if not 0 < args.loss_window <= 1:
         raise SystemExit(f'--loss-window must be in (0, 1]: {args.loss_window}')
-    summary = summarise(runs, names, reference, args.metric, args.loss_window)
+    plan = None
+    if args.time_budget is not None or args.match_time:
+        os.makedirs(args.work_dir, exist_ok=True)
+        plan = time_plan(args, settings)
+    runs = run_all(args, settings, plan)
+    summary = summarise(runs, names, reference, args.metric, args.loss_window,
+                        plan['budget_s'] if plan else None)
     metric = args.metric or next(
         (metric_key(load_scalars(d), None) for d in runs.values()
          if osp.isfile(osp.join(d, 'done.json'))), None) or 'metric'
@@ -601,12 +954,12 @@ def main(argv: Optional[list] = None) -> int:
     with open(osp.join(out_dir, 'results.md'), 'w') as f:
         f.write(table)
     per_run = {f'{n}/seed{s}': {k: v for k, v in r.items()
-                                 if k not in ('loss_curve', 'clock',
-                                              'metric_curve')}
+                                 if k not in ('loss_curve', 'clock')}
                for (n, s), r in summary['per_run'].items()}
     with open(osp.join(out_dir, 'summary.json'), 'w') as f:
         json.dump(dict(reference=reference, metric=metric, runs=per_run,
-                       table=summary['table']), f, indent=1)
+                       table=summary['table'], plan=plan,
+                       equal_time_s=summary['equal_time']), f, indent=1)
     print(table)
     print('wrote ' + ', '.join(plots + [osp.join(out_dir, 'results.md')]))
     missing = len(runs) - len(summary['per_run'])
