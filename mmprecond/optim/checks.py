@@ -254,17 +254,23 @@ def accepted_keywords(cls: type) -> List[str]:
 
 
 def reject_keywords(cls: type, kwargs: Mapping[str, Any]) -> None:
-    """Raise for keywords that ``cls`` inherits but does not use.
+    """Raise for renamed keywords and for those ``cls`` inherits but does not use.
+
+    Renamed keywords are :data:`RENAMED_KEYWORDS` plus the class's own
+    ``renamed_keywords`` (old name -> new name, for a rename that only
+    applies to that class, e.g. ``damping`` -> ``abs_damping`` where the
+    class's damping is absolute).
 
     Raises:
         ValueError: Naming each such keyword and why it does not apply.
     """
-    renamed = [k for k in kwargs if k in RENAMED_KEYWORDS]
+    names = {**RENAMED_KEYWORDS, **getattr(cls, 'renamed_keywords', {})}
+    renamed = [k for k in kwargs if k in names]
     if renamed:
         raise ValueError(
             f'{cls.__name__}: ' + '; '.join(
-                f'{k} was renamed {RENAMED_KEYWORDS[k]} (write '
-                f'{RENAMED_KEYWORDS[k]}={kwargs[k]!r})' for k in renamed)
+                f'{k} was renamed {names[k]} (write '
+                f'{names[k]}={kwargs[k]!r})' for k in renamed)
             + '. See docs/vocabulary.md.')
     rejected: Dict[str, str] = getattr(cls, 'rejected_keywords', {})
     given = [k for k in kwargs if k in rejected]

@@ -6,6 +6,7 @@ Each case builds through the same path a training run takes (MMEngine's
 checks the message names the field, the value and what to write instead.
 """
 import pytest
+import torch
 import torch.nn as nn
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
@@ -165,3 +166,22 @@ def test_variants_take_their_base_keywords_only():
         AdaNKFAC(model.parameters(), model=model, momentum=0.9)
     with pytest.raises(TypeError):  # keyword-only: no positional lr
         NKFAC(model.parameters(), 0.1, model=model)
+
+
+def test_class_renamed_keywords_name_the_new_keyword() -> None:
+    """A class-only rename (``renamed_keywords``) fails at build time with
+    the new name, and only for that class."""
+
+    class Absolute(torch.optim.SGD):
+        renamed_keywords = {'damping': 'abs_damping'}
+
+        def __init__(self, params, lr: float = 0.1,
+                     abs_damping: float = 1e-3) -> None:
+            super().__init__(params, lr=lr)
+
+    with pytest.raises(ValueError, match=r'damping was renamed abs_damping '
+                       r'\(write abs_damping=0\.01\)'):
+        check_keywords(Absolute, dict(type='Absolute', damping=0.01))
+    check_keywords(Absolute, dict(type='Absolute', abs_damping=0.01))
+    with pytest.raises(ValueError, match='unknown optimizer keyword'):
+        check_keywords(torch.optim.SGD, dict(type='SGD', lr=0.1, damping=0.01))
